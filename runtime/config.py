@@ -1,0 +1,187 @@
+"""Frozen configuration dataclasses: the model's shape (`ModelArgs`) and the decoding recipe
+(`DecodeConfig`). Argparse lives only at the edge (cli.py); everything inside takes these."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+FAMILIES = ("llada", "dream")
+METHODS = ("vanilla", "fast-dllm", "es-dllm")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """One Transformer shape for LLaDA and Dream. Family quirks are fields, never branches in samplers."""
+
+    family: str                 # "llada" | "dream"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool              # Dream: q/k/v carry biases
+    logits_shift: int           # Dream: logits at row p predict token p + 1
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    eot_id: int | None = None   # LLaDA <|eot_id|>, Dream <|im_end|>
+    bos_id: int | None = None
+    max_seq_len: int = 4096
+    rope_full_precision: bool = True  # LLaDA rotates q/k in fp32; Dream rotates in the activation dtype
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode. Defaults follow the reference samplers (research/models.md A.7, B.7) and the
+    ES-dLLM / Fast-dLLM papers (research/algorithms.md §1, §4)."""
+
+    method: str = "vanilla"            # vanilla | fast-dllm | es-dllm
+    gen_length: int = 128
+    block_length: int = 32
+    steps: int | None = None           # None: gen_length (one token a step)
+    # sampling (family default when None: "llada" for LLaDA, "dream" for Dream)
+    sampler: str | None = None         # "llada" (generate()) | "dream" (diffusion_generate)
+    temperature: float = 0.0
+    remasking: str = "low_confidence"  # llada sampler: low_confidence | random
+    cfg_scale: float = 0.0             # llada sampler, vanilla only
+    alg: str = "maskgit_plus"          # dream sampler: origin | maskgit_plus | topk_margin | entropy
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+    seed: int | None = None
+    # parallel decoding (Fast-dLLM §4.2): at most one of them
+    threshold: float | None = None
+    factor: float | None = None
+    # cache (fast-dllm): prefix | dual | none
+    cache: str = "dual"
+    # ES-dLLM (§1): keep proportion per schedule segment, segment starts as fractions of depth
+    skip_proportions: tuple[float, ...] = (1.0, 0.5, 0.25)
+    skip_positions: tuple[float, ...] = (0.0, 0.125, 0.25)
+    alpha: float = 0.5
+    prompt_update_freq: int = 64
+    block_update_freq: int = 16
+    delay_eos: bool = True
+    stop_at_eos: bool = False          # stop once a finished block holds EOS (off: reproduce the reference)
+
+    def __post_init__(self):
+        err = _validate(self)
+        if err:
+            raise ValueError(err)
+
+    @property
+    def n_steps(self) -> int:
+        return self.steps if self.steps is not None else self.gen_length
+
+    def replace(self, **kw) -> "DecodeConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _validate(c: DecodeConfig) -> str | None:
+    if c.method not in METHODS:
+        return f"unknown method {c.method!r}; expected one of {METHODS}"
+    if c.gen_length <= 0:
+        return f"gen_length must be positive, got {c.gen_length}"
+    if c.block_length <= 0 or c.gen_length % c.block_length:
+        return f"gen_length {c.gen_length} is not a multiple of block_length {c.block_length}"
+    n_blocks = c.gen_length // c.block_length
+    if c.n_steps <= 0 or c.n_steps % n_blocks:
+        return f"steps {c.n_steps} is not a positive multiple of the number of blocks {n_blocks}"
+    if c.sampler not in (None, "llada", "dream"):
+        return f"unknown sampler {c.sampler!r}; expected 'llada' or 'dream'"
+    if c.temperature < 0:
+        return f"temperature must be >= 0, got {c.temperature}"
+    if c.remasking not in ("low_confidence", "random"):
+        return f"unknown remasking {c.remasking!r}; expected 'low_confidence' or 'random'"
+    if c.alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
+        return f"unknown alg {c.alg!r}; expected origin, maskgit_plus, topk_margin or entropy"
+    if c.top_p is not None and not 0 < c.top_p <= 1:
+        return f"top_p must be in (0, 1], got {c.top_p}"
+    if c.top_k is not None and c.top_k <= 0:
+        return f"top_k must be positive, got {c.top_k}"
+    if c.threshold is not None and c.factor is not None:
+        return "threshold and factor are exclusive parallel-decoding rules; give one"
+    if c.threshold is not None and not 0 < c.threshold:
+        return f"threshold must be > 0, got {c.threshold}"
+    if c.factor is not None and not c.factor > 0:
+        return f"factor must be > 0, got {c.factor}"
+    if c.cache not in ("prefix", "dual", "none"):
+        return f"unknown cache {c.cache!r}; expected prefix, dual or none"
+    if c.cfg_scale < 0:
+        return f"cfg_scale must be >= 0, got {c.cfg_scale}"
+    if c.cfg_scale > 0 and c.method != "vanilla":
+        return "cfg_scale > 0 is supported by the vanilla method only"
+    if len(c.skip_proportions) != len(c.skip_positions) or not c.skip_proportions:
+        return "skip_proportions and skip_positions must be non-empty and of equal length"
+    if any(not 0 < p <= 1 for p in c.skip_proportions):
+        return f"skip_proportions must lie in (0, 1], got {c.skip_proportions}"
+    if list(c.skip_positions) != sorted(c.skip_positions) or any(not 0 <= p < 1 for p in c.skip_positions):
+        return f"skip_positions must be increasing fractions in [0, 1), got {c.skip_positions}"
+    if not 0 <= c.alpha <= 1:
+        return f"alpha must be in [0, 1], got {c.alpha}"
+    if c.prompt_update_freq <= 0 or c.block_update_freq <= 0:
+        return "prompt_update_freq and block_update_freq must be positive"
+    return None
+
+
+@dataclass
+class Stats:
+    """Counters of one generate() call."""
+
+    nfe: int = 0                    # forward passes (a CFG pair counts once)
+    steps: int = 0
+    generated_tokens: int = 0       # per batch, up to (excluding) the first EOS of each row
+    positions_computed: int = 0     # query rows summed over layers / n_layers, summed over forwards
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / max(self.nfe, 1)
+
+    @property
+    def positions_per_forward(self) -> float:
+        return self.positions_computed / max(self.nfe, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"nfe": self.nfe, "steps": self.steps, "generated_tokens": self.generated_tokens,
+                "tokens_per_forward": round(self.tokens_per_forward, 4),
+                "positions_per_forward": round(self.positions_per_forward, 2),
+                "seconds": round(self.seconds, 6), "forward_seconds": round(self.forward_seconds, 6),
+                "tokens_per_second": round(self.tokens_per_second, 3), **self.extra}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
