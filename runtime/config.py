@@ -79,6 +79,7 @@ class DecodeConfig:
     factor: float | None = None
     # cache (fast-dllm): prefix | dual | none
     cache: str = "dual"
+    cache_refresh: int = 0             # fast-dllm: also run a full forward every N steps of a block (0: never)
     # ES-dLLM (§1): keep proportion per schedule segment, segment starts as fractions of depth
     skip_proportions: tuple[float, ...] = (1.0, 0.5, 0.25)
     skip_positions: tuple[float, ...] = (0.0, 0.125, 0.25)
@@ -134,6 +135,8 @@ def _validate(c: DecodeConfig) -> str | None:
         return f"factor must be > 0, got {c.factor}"
     if c.cache not in ("prefix", "dual", "none"):
         return f"unknown cache {c.cache!r}; expected prefix, dual or none"
+    if c.cache_refresh < 0:
+        return f"cache_refresh must be >= 0, got {c.cache_refresh}"
     if c.cfg_scale < 0:
         return f"cfg_scale must be >= 0, got {c.cfg_scale}"
     if c.cfg_scale > 0 and c.method != "vanilla":

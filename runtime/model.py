@@ -60,16 +60,27 @@ class StepPlan:
 
     head: row slice of `idx` that reaches the LM head when nothing was pruned (None: all rows).
     keep: {prune layer: k}: keep the top-k rows at that layer's output (empty: no skipping).
+    keep_rows: {prune layer: [B] int64}: per-entry keep counts <= k; an entry's rows ranked past its
+        own count are sent to the trash slot, so its result is what it would be alone.
     write_hidden: store hidden states of the surviving rows at the prune layers (ES-dLLM).
     confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
     """
 
     head: slice | None = None
     keep: dict[int, int] | None = None
+    keep_rows: dict[int, Tensor] | None = None
     write_hidden: bool = False
     confidence: Tensor | None = None
     bonus: Tensor | None = None
     alpha: float = 0.5
+
+
+def _truncate(rows: Tensor, sel: Tensor, k_row: Tensor, trash: int, score: Tensor) -> Tensor:
+    """Send each entry's selected rows ranked >= k_row[b] (by score, ties to the lower row) to trash."""
+    s = score.gather(1, sel)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return torch.where(rank < k_row[:, None], rows, torch.full_like(rows, trash))
 
 
 class RMSNorm(nn.Module):
@@ -196,8 +207,14 @@ class Transformer(nn.Module):
                 conf = plan.confidence.gather(1, rows)
                 bonus = plan.bonus.gather(1, rows)
                 prev = cache.hidden[l].gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
-                sel, h = ops.token_gather(h, prev, conf, bonus, plan.alpha, keep[l])
+                # Trash entries get zero variation so they cannot change the per-row normalisation.
+                prev = torch.where((rows == cache.trash)[..., None], h, prev)
+                h_all = h
+                sel, h = ops.token_gather(h_all, prev, conf, bonus, plan.alpha, keep[l])
                 rows, pos = rows.gather(1, sel), pos.gather(1, sel)
+                if plan.keep_rows is not None:
+                    rows = _truncate(rows, sel, plan.keep_rows[l], cache.trash,
+                                     ops.importance(h_all, prev, conf, bonus, plan.alpha))
                 cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta)
                 pruned = True
             if plan.write_hidden and l in cache.hidden:

@@ -1,0 +1,90 @@
+"""Pipeline: a checkpoint's tokenizer + an executor + the diffusion loop, text in, text out.
+
+This is the runtime's public face, used by the CLI, the Triton model, bench and eval.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import DecodeConfig, ModelArgs, Stats
+from .generate import BlockEvent, generate
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "llada-tiny"
+
+
+def default_model() -> Path:
+    """The embedded default checkpoint shipped in models/ (trained by scripts/train_tiny.py)."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise FileNotFoundError(f"the embedded default model is missing at {DEFAULT_MODEL}; "
+                                "pass --model DIR or run scripts/train_tiny.py")
+    return DEFAULT_MODEL
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]     # generated ids up to (excluding) the first stop token
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class GenerateResult:
+    completions: list[Completion]
+    stats: Stats
+
+
+@dataclass
+class StreamEvent:
+    """One decided block: texts decoded so far per row (undecided masks dropped)."""
+    block: int
+    n_blocks: int
+    texts: list[str]
+    token_ids: list[list[int]]
+    done: bool
+
+
+class Pipeline:
+    def __init__(self, executor, tokenizer, model_dir: Path):
+        from .tokenizer import stop_ids
+        self.executor, self.tokenizer, self.model_dir = executor, tokenizer, Path(model_dir)
+        self.stop = set(stop_ids(tokenizer, executor.args))
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.executor.args
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, *, dtype=None, device: str = "cpu",
+             executor: str = "torch", engine_dir: str | Path | None = None) -> "Pipeline":
+        from .executors import make_executor
+        from .tokenizer import load_tokenizer
+        model_dir = Path(model_dir) if model_dir else default_model()
+        ex = make_executor(executor, model_dir=model_dir, engine_dir=engine_dir, dtype=dtype, device=device)
+        return cls(ex, load_tokenizer(model_dir), model_dir)
+
+    def encode(self, text: str, chat: bool = False, gen_length: int = 0) -> list[int]:
+        from .tokenizer import encode_prompt
+        return encode_prompt(self.tokenizer, text, chat, self.args.max_seq_len - gen_length)
+
+    def decode(self, ids: list[int]) -> tuple[str, list[int]]:
+        from .tokenizer import decode_completion
+        return decode_completion(self.tokenizer, ids, self.stop)
+
+    def generate(self, prompts: list[str] | list[list[int]], cfg: DecodeConfig, *, chat: bool = False,
+                 on_block: Callable[[StreamEvent], None] | None = None, progress: bool = False) -> GenerateResult:
+        ids = [p if isinstance(p, list) else self.encode(p, chat, cfg.gen_length) for p in prompts]
+        hook = None
+        if on_block is not None:
+            def hook(ev: BlockEvent):
+                rows = [[t for t in r if t != self.args.mask_id] for r in ev.canvas.tolist()]
+                dec = [self.decode(r) for r in rows]
+                on_block(StreamEvent(ev.block, ev.n_blocks, [d[0] for d in dec], [d[1] for d in dec], ev.done))
+        out = generate(self.executor, ids, cfg, stop_ids=self.stop, on_block=hook, progress=progress)
+        comps = [Completion(*self.decode(r)) for r in out.tokens.tolist()]
+        return GenerateResult(comps, out.stats)

@@ -1,0 +1,125 @@
+"""Token sampling and commit rules shared by every policy.
+
+Samplers turn logits into a proposed token x0 and a confidence per row:
+  llada  ML-GSAI/LLaDA generate(): float64 Gumbel-max at temperature > 0, confidence = softmax prob
+         of x0 ('low_confidence') or uniform noise ('random') (research/models.md A.7).
+  dream  Dream diffusion_generate(): temperature / top-p / top-k, then the alg's confidence
+         (maskgit_plus: p(x0), topk_margin: p1 - p2, entropy: sum p log p) (models.md B.7).
+Commit rules pick which masked block positions take their x0 this step: a scheduled count
+(top-k by confidence), Fast-dLLM's threshold or factor rule (algorithms.md §4.2), or Dream's
+'origin' random transfer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG = float("-inf")
+
+
+def llada_quota(n_masked: Tensor, steps: int) -> Tensor:
+    """Tokens to commit at each of `steps` steps: n_masked [B] split evenly, remainder first. -> [B, steps]."""
+    base = n_masked // steps
+    rem = n_masked % steps
+    ar = torch.arange(steps, device=n_masked.device)
+    return base[:, None] + (ar[None, :] < rem[:, None]).long()
+
+
+def dream_quota(n_masked: Tensor, steps: int, step: int, eps: float) -> Tensor:
+    """Dream's count: int(M * (1 - s/t)) on a float32 linspace(1, eps, steps + 1); all at the last step."""
+    if step >= steps - 1:
+        return n_masked.clone()
+    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    t, s = ts[step], ts[step + 1]
+    return (n_masked.double() * float(1 - s / t)).long()
+
+
+def _top_p_top_k(logits: Tensor, top_p: float | None, top_k: int | None) -> Tensor:
+    if top_p is not None and top_p < 1:
+        srt, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = cum > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # always keep the top-1
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), torch.finfo(logits.dtype).min)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+    return logits
+
+
+def sample(logits: Tensor, cfg, sampler: str, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """logits: [B, m, V] -> (x0 [B, m] int64, confidence [B, m] float64)."""
+    if sampler == "llada":
+        if cfg.temperature > 0:
+            lg = logits.double()
+            u = torch.rand(lg.shape, dtype=torch.float64, generator=gen, device=lg.device)
+            x0 = (lg.exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
+        else:
+            x0 = logits.argmax(-1)
+        if cfg.remasking == "random":
+            conf = torch.rand(x0.shape, dtype=torch.float64, generator=gen, device=x0.device)
+        else:
+            # The reference takes this softmax in the logits' own dtype (bf16 on the 8B models).
+            p = torch.softmax(logits, -1)
+            conf = p.gather(-1, x0[..., None])[..., 0].double()
+        return x0, conf
+    lg = logits.float()
+    if cfg.temperature > 0:
+        lg = lg / cfg.temperature
+    lg = _top_p_top_k(lg, cfg.top_p, cfg.top_k)
+    p = torch.softmax(lg, -1)
+    if cfg.temperature > 0:
+        x0 = torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+    else:
+        x0 = p.argmax(-1)
+    px0 = p.gather(-1, x0[..., None])[..., 0]
+    if cfg.alg == "topk_margin":
+        top2 = torch.topk(p, 2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif cfg.alg == "entropy":
+        conf = (p * torch.log(p + 1e-10)).sum(-1)
+    else:  # maskgit_plus, and origin (which ignores confidence)
+        conf = px0
+    return x0, conf.double()
+
+
+def select_topk(conf: Tensor, quota: Tensor) -> Tensor:
+    """conf: [B, N] (-inf where not a candidate); quota: [B] -> bool [B, N], top-quota per row."""
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(conf.shape[1], device=conf.device).expand_as(order))
+    n_cand = torch.isfinite(conf).sum(1)
+    return (ranks < torch.minimum(quota, n_cand)[:, None]) & torch.isfinite(conf)
+
+
+def select_sampled(conf: Tensor, quota: Tensor, alg_temp: float, gen) -> Tensor:
+    """Dream alg_temp > 0: sample quota positions without replacement from softmax(conf / alg_temp)."""
+    g = -torch.log(-torch.log(torch.rand(conf.shape, dtype=torch.float64, generator=gen, device=conf.device)))
+    return select_topk(torch.where(torch.isfinite(conf), conf / alg_temp + g, conf), quota)
+
+
+def select_threshold(conf: Tensor, tau: float) -> Tensor:
+    """Every candidate with confidence >= tau, and always the single most confident one."""
+    best = select_topk(conf, torch.ones(conf.shape[0], dtype=torch.long, device=conf.device))
+    return best | ((conf >= tau) & torch.isfinite(conf))
+
+
+def select_factor(conf: Tensor, factor: float) -> Tensor:
+    """Largest n with c_(k) >= 1 - f / (k + 1) for every k <= n (k from 1, descending); at least one."""
+    srt, order = torch.sort(conf, dim=-1, descending=True, stable=True)
+    k = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=torch.float64)
+    ok = (srt >= 1 - factor / (k + 1)) & torch.isfinite(srt)
+    ok[:, 0] = torch.isfinite(srt[:, 0])
+    n = ok.long().cumprod(1).sum(1)
+    chosen = torch.arange(conf.shape[1], device=conf.device)[None, :] < n[:, None]
+    return torch.zeros_like(chosen).scatter_(1, order, chosen)
+
+
+def select_origin(cand: Tensor, step: int, steps: int, eps: float, gen) -> Tensor:
+    """Dream 'origin': each candidate flips independently with probability 1 - s/t (1 at the last step)."""
+    if step >= steps - 1:
+        return cand.clone()
+    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    p = float(1 - ts[step + 1] / ts[step])
+    u = torch.rand(cand.shape, generator=gen, device=cand.device)
+    return cand & (u < p)
