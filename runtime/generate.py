@@ -108,7 +108,7 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
             X0 = torch.zeros((B, L + 2), dtype=torch.long, device=dev).scatter_(1, pred, x0)[:, s:e]
             cand = masked & torch.isfinite(C) & active[:, None]
             if cfg.method == "es-dllm" and cfg.delay_eos:
-                C = _delay_eos(C, X0, x, s, args.eos_id, args.mask_id)
+                C = _delay_eos(C, X0, x, s, P, args.eos_id, args.mask_id)
             C = torch.where(cand, C, S.NEG)
             chosen = _choose(cfg, sampler, C, cand, quota, step, spb, masked, gen)
             x[:, s:e] = torch.where(chosen, X0, x[:, s:e])
@@ -159,10 +159,10 @@ def _choose(cfg, sampler, C, cand, quota, step, spb, masked, gen) -> Tensor:
     return S.select_topk(C, k)
 
 
-def _delay_eos(C: Tensor, X0: Tensor, x: Tensor, s: int, eos: int, mask: int) -> Tensor:
-    """ES-dLLM delayed EOS: EOS at p gets confidence 0 while p - 1 is masked and no EOS exists yet."""
+def _delay_eos(C: Tensor, X0: Tensor, x: Tensor, s: int, P: int, eos: int, mask: int) -> Tensor:
+    """ES-dLLM delayed EOS: EOS at p gets confidence 0 while p - 1 is masked and no EOS was generated yet."""
     prev_masked = x[:, s - 1: s - 1 + C.shape[1]] == mask
-    no_eos = ~(x == eos).any(1, keepdim=True)
+    no_eos = ~(x[:, P:] == eos).any(1, keepdim=True)
     block = (X0 == eos) & prev_masked & no_eos & torch.isfinite(C)
     return torch.where(block, 0.0, C)
 

@@ -150,7 +150,8 @@ class ESDLLM(Vanilla):
         bonus = torch.zeros_like(self.conf)
         if cfg.alpha > 0:  # +2 for the two most confident forwarded rows
             fwd_conf = self.conf.gather(1, idx).masked_fill(idx == self.trash, -1.0)
-            top = torch.topk(fwd_conf, min(2, idx.shape[1]), dim=1).indices
+            # stable sort: ties go to the leftmost row, whatever trash padding precedes it
+            top = torch.sort(fwd_conf, dim=1, descending=True, stable=True).indices[:, :2]
             bonus.scatter_(1, idx.gather(1, top), 2.0)
         masked = c.x[:, c.s:c.e] == self.args.mask_id  # +5 for the leftmost masked block position
         has = masked.any(1)
@@ -169,11 +170,13 @@ class ESDLLM(Vanilla):
         still[:, : L - sh] = c.x[:, sh:] == self.args.mask_id
         still[:, L - sh:] = False
         self.conf *= still
-        self.last.zero_()
-        self.last[:, c.s:c.e] = chosen
-        self.n_last = chosen.sum(1)
+        # Rows idle this step (block already done) keep their state, as they would alone.
+        a = c.active
+        self.last[a] = False
+        self.last[:, c.s:c.e] |= chosen & a[:, None]
+        self.n_last = torch.where(a, chosen.sum(1), self.n_last)
         pos = torch.arange(c.s, c.e, device=chosen.device).expand_as(chosen)
-        self.leftmost = torch.where(chosen, pos, L).min(1).values
+        self.leftmost = torch.where(a, torch.where(chosen, pos, L).min(1).values, self.leftmost)
 
 
 def make_policy(cfg: DecodeConfig, args: ModelArgs, L: int, trash: int):
