@@ -1,0 +1,157 @@
+"""The diffusion loop and its policies on the tiny checkpoints: vanilla invariants, Fast-dLLM and
+ES-dLLM exactness against vanilla where they must agree, parallel-decoding rules, batch invariance."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esdllm.runtime import sampling as S
+from esdllm.runtime.config import DecodeConfig
+from esdllm.runtime.generate import generate
+from esdllm.runtime.policies import prune_schedule
+from esdllm.runtime.weights import load_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3], [4, 4, 4, 4, 4, 4, 4, 4, 4]]
+ONES = dict(skip_proportions=(1.0,), skip_positions=(0.0,), delay_eos=False)
+
+
+class Spy:
+    """Executor wrapper that records every step's input canvas rows, plan and predicted rows."""
+
+    def __init__(self, model):
+        self.m, self.args, self.device, self.calls = model, model.args, model.device, []
+
+    def new_cache(self, *a):
+        return self.m.new_cache(*a)
+
+    def step(self, tokens, idx, cache, plan):
+        logits, pred = self.m.step(tokens, idx, cache, plan)
+        self.calls.append((tokens.clone(), idx.clone(), plan, pred.clone()))
+        return logits, pred
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def model(request, tmp_path_factory):
+    from esdllm.runtime.weights import make_tiny_checkpoint
+    return load_model(make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+def run(model, cfg, prompts=PROMPTS):
+    return generate(model, prompts, cfg).tokens
+
+
+def test_vanilla_commits_schedule_inside_block(model):
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=8, sampler="llada")
+    spy = Spy(model)
+    out = generate(spy, PROMPTS[:2], cfg)
+    P, mask = 5, model.args.mask_id
+    masks = [int((t[:, P:] == mask).sum()) for t, *_ in spy.calls] + [int((out.tokens == mask).sum())]
+    assert [a - b for a, b in zip(masks, masks[1:])] == [4] * 8  # 2 tokens a step, 2 rows
+    for i, (t, *_) in enumerate(spy.calls):
+        blk = i // 4
+        later = t[:, P + (blk + 1) * 8:]
+        assert bool((later == mask).all()), "a block committed outside itself"
+    assert out.stats.nfe == 8 and not bool((out.tokens == mask).any())
+
+
+def test_greedy_is_deterministic_and_batch_invariant(model):
+    for method in ["vanilla", "fast-dllm", "es-dllm"]:
+        cfg = DecodeConfig(method=method, gen_length=24, block_length=8)
+        out = run(model, cfg)
+        assert torch.equal(out, run(model, cfg))
+        for i, p in enumerate(PROMPTS):
+            assert torch.equal(out[i], run(model, cfg, [p])[0]), (method, i)
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=0.3), dict(factor=1.0), dict(cache="prefix", threshold=0.3)])
+def test_parallel_decoding_batch_invariant(model, kw):
+    for method in ["fast-dllm", "es-dllm"]:
+        cfg = DecodeConfig(method=method, gen_length=24, block_length=8, **kw)
+        out = run(model, cfg)
+        for i, p in enumerate(PROMPTS):
+            assert torch.equal(out[i], run(model, cfg, [p])[0]), (method, kw, i)
+
+
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+def test_cache_refreshed_every_step_equals_vanilla(model, cache):
+    cfg = DecodeConfig(gen_length=24, block_length=8)
+    ref = run(model, cfg)
+    assert torch.equal(ref, run(model, cfg.replace(method="fast-dllm", cache=cache, cache_refresh=1)))
+
+
+def test_es_without_skipping_equals_vanilla_and_dual(model):
+    cfg = DecodeConfig(gen_length=16, block_length=16)  # one block: the suffix is empty
+    es = cfg.replace(method="es-dllm", **ONES)
+    assert torch.equal(run(model, cfg), run(model, es.replace(prompt_update_freq=1)))
+    assert torch.equal(run(model, cfg.replace(method="fast-dllm", cache="dual")), run(model, es))
+
+
+def test_threshold_above_one_is_one_token_a_step(model):
+    cfg = DecodeConfig(method="fast-dllm", gen_length=16, block_length=8, threshold=1.01)
+    out = generate(model, PROMPTS[:1], cfg)
+    assert out.stats.nfe == 16 and not bool((out.tokens == model.args.mask_id).any())
+
+
+def test_low_threshold_needs_fewer_forwards_and_terminates(model):
+    cfg = DecodeConfig(method="fast-dllm", gen_length=16, block_length=8, threshold=1e-9)
+    out = generate(model, PROMPTS[:1], cfg)
+    assert out.stats.nfe == 2  # every token passes: one forward per block
+
+
+def test_select_rules_on_hand_made_confidences():
+    inf = float("-inf")
+    conf = torch.tensor([[0.95, 0.5, 0.99, inf, 0.2], [0.1, 0.3, inf, inf, 0.2]], dtype=torch.float64)
+    assert S.select_threshold(conf, 0.9).tolist() == [[True, False, True, False, False],
+                                                      [False, True, False, False, False]]
+    # factor f=1: accept sorted prefix while c_(k) >= 1 - 1/(k+1): 0.99 >= 0.5, 0.95 >= 0.667, 0.5 < 0.75
+    assert S.select_factor(conf, 1.0).tolist() == [[True, False, True, False, False],
+                                                   [False, True, False, False, False]]
+    assert S.select_topk(conf, torch.tensor([2, 5])).sum(1).tolist() == [2, 3]
+    assert S.llada_quota(torch.tensor([10]), 4).tolist() == [[3, 3, 2, 2]]
+    # Dream's float32 timestep schedule commits 0 at the first step when steps == masked count
+    assert S.dream_quota(torch.tensor([32]), 32, 0, 1e-3).item() == 0
+
+
+def test_es_keep_count_and_leftmost_kept(model):
+    cfg = DecodeConfig(method="es-dllm", gen_length=32, block_length=16, skip_proportions=(1.0, 0.25),
+                       skip_positions=(0.0, 0.5), block_update_freq=64, delay_eos=False)
+    spy = Spy(model)
+    generate(spy, PROMPTS[:2], cfg)
+    sh, pruned = model.args.logits_shift, 0
+    for tokens, idx, plan, pred in spy.calls:
+        if not plan.keep:
+            continue
+        pruned += 1
+        for layer, k in plan.keep.items():
+            assert bool((plan.keep_rows[layer] >= 2).all())  # n_last + 2 with n_last >= 0
+        # the leftmost masked block position is always predicted by a kept row
+        trash = 5 + 32
+        x_rows = {r: t for r, t in zip(idx[0].tolist(), tokens[0].tolist()) if r != trash}
+        e = max(x_rows) + 1  # every step's rows end at the block end
+        leftmost = min(r for r, t in x_rows.items() if t == model.args.mask_id and r >= e - 16)
+        assert leftmost in pred[0].tolist()
+    assert pruned > 0
+
+
+def test_prune_schedule_matches_paper_layers():
+    cfg = DecodeConfig()
+    assert prune_schedule(cfg, 32) == {4: 0.5, 8: 0.25}   # LLaDA-8B
+    assert prune_schedule(cfg, 28) == {4: 0.5, 7: 0.25}   # Dream-7B
+
+
+def test_dream_offset_first_token_from_last_prompt_row(model):
+    spy = Spy(model)
+    generate(spy, PROMPTS[:1], DecodeConfig(method="fast-dllm", gen_length=8, block_length=8))
+    tokens, idx, plan, pred = spy.calls[1]  # a block-only step
+    sh = model.args.logits_shift
+    assert idx[0, 0].item() == 5 - sh  # Dream runs the last prompt row to predict position 5
+    assert pred[0, 0].item() == 5
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        DecodeConfig(gen_length=10, block_length=4)
+    with pytest.raises(ValueError, match="unknown method"):
+        DecodeConfig(method="fast")
+    with pytest.raises(ValueError, match="threshold"):
+        DecodeConfig(threshold=0.9, factor=1.0)
