@@ -1,0 +1,226 @@
+"""The ONNX face: op nodes vs the PyTorch reference, the exported graph variants, and the
+onnxruntime executor vs Transformer.step (per step and through the whole generate loop).
+
+Tiny float32 checkpoints (tests/conftest.py): logits within float32 tolerance, argmax and tokens
+identical, caches equal outside the trash slot.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as T
+
+pytest.importorskip("onnxruntime")
+import onnxruntime as ort  # noqa: E402
+
+from esdllm.build import onnx_ops  # noqa: E402
+from esdllm.build.config import BuildConfig  # noqa: E402
+from esdllm.build.export_onnx import WEIGHTS_FILE, export_artifacts  # noqa: E402
+from esdllm.plugins import ops  # noqa: E402
+from esdllm.runtime.config import DecodeConfig  # noqa: E402
+from esdllm.runtime.executors import OrtExecutor, TorchExecutor, effective_keep  # noqa: E402
+from esdllm.runtime.generate import generate  # noqa: E402
+from esdllm.runtime.model import StepPlan  # noqa: E402
+from esdllm.runtime.weights import load_model  # noqa: E402
+
+CFG = BuildConfig(max_batch=4, max_prompt=32, gen_length=16, block_length=8)
+
+
+def _run(model: onnx.ModelProto, **feeds) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()})
+
+
+def _report(a: torch.Tensor, b: torch.Tensor) -> str:
+    d = (a.float() - b.float()).abs()
+    return f"max {d.max().item():.3g} mean {d.mean().item():.3g} at {np.unravel_index(int(d.argmax()), d.shape)}"
+
+
+# --- the three op nodes, alone ------------------------------------------------------------------
+
+def test_token_gather_node_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    B, n, d = 3, 9, 16
+    h, p = torch.randn(B, n, d, generator=g), torch.randn(B, n, d, generator=g)
+    conf, bonus = torch.rand(B, n, generator=g), torch.zeros(B, n)
+    bonus[:, 4] = 5.0
+    h[2] = p[2]          # zero variation and zero confidence: a row of exact ties
+    conf[2] = 0.0
+    bonus[2] = 0.0
+    model = onnx_ops.single_op_model(
+        "token_gather", [("hidden", T.FLOAT, ["B", "n", "d"]), ("prev_hidden", T.FLOAT, ["B", "n", "d"]),
+                         ("confidence", T.FLOAT, ["B", "n"]), ("bonus", T.FLOAT, ["B", "n"]),
+                         ("k", T.INT64, [1])], alpha=0.3)
+    node = model.graph.node[0]
+    assert (node.domain, node.op_type) == ("esdllm", "token_gather")
+    assert {a.name: a for a in node.attribute}["plugin_namespace"].s == b"esdllm"
+    assert model.ir_version == 10
+    for k in (1, 4, n):
+        sel, kept = _run(model, hidden=h, prev_hidden=p, confidence=conf, bonus=bonus, k=np.array([k]))
+        ref_sel, ref_kept = ops.token_gather(h, p, conf, bonus, 0.3, k)
+        assert np.array_equal(sel, ref_sel.numpy()), (k, sel, ref_sel)
+        assert np.array_equal(kept, ref_kept.numpy())
+    assert np.array_equal(sel[2], np.arange(n))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_partial_attention_node_matches_reference(heads, kv_heads):
+    g = torch.Generator().manual_seed(1)
+    B, n, S, hd = 2, 5, 11, 8
+    q = torch.randn(B, heads, n, hd, generator=g)
+    kn, vn = torch.randn(B, kv_heads, n, hd, generator=g), torch.randn(B, kv_heads, n, hd, generator=g)
+    kc, vc = torch.randn(B, kv_heads, S, hd, generator=g), torch.randn(B, kv_heads, S, hd, generator=g)
+    rows = torch.stack([torch.randperm(S - 1, generator=g)[:n] for _ in range(B)])
+    valid = torch.rand(B, S, generator=g) > 0.3
+    valid[:, 0] = True
+    valid[:, -1] = False
+    model = onnx_ops.single_op_model(
+        "partial_attention", [("q", T.FLOAT, ["B", "H", "n", hd]), ("k_new", T.FLOAT, ["B", "G", "n", hd]),
+                              ("v_new", T.FLOAT, ["B", "G", "n", hd]), ("rows", T.INT64, ["B", "n"]),
+                              ("k_cache", T.FLOAT, ["B", "G", "S", hd]), ("v_cache", T.FLOAT, ["B", "G", "S", hd]),
+                              ("key_valid", T.BOOL, ["B", "S"])])
+    out, = _run(model, q=q, k_new=kn, v_new=vn, rows=rows, k_cache=kc, v_cache=vc, key_valid=valid)
+    ref = ops.partial_attention(q, kn, vn, rows, kc, vc, valid)
+    assert torch.allclose(torch.from_numpy(out), ref, atol=1e-5), _report(torch.from_numpy(out), ref)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_cache_merge_node_matches_reference(dim):
+    g = torch.Generator().manual_seed(2)
+    B, S, n = 2, 10, 4
+    shape = (B, S, 16) if dim == 1 else (B, 3, S, 8)
+    cache = torch.randn(*shape, generator=g)
+    fresh = torch.randn(*(shape[:dim] + (n,) + shape[dim + 1:]), generator=g)
+    rows = torch.stack([torch.randperm(S, generator=g)[:n] for _ in range(B)])
+    names = ["a", "b", "c", "d"][: cache.dim()]
+    model = onnx_ops.single_op_model("cache_merge", [("cache", T.FLOAT, names), ("fresh", T.FLOAT, names),
+                                                     ("rows", T.INT64, ["a", "n"])], dim=dim)
+    merged, = _run(model, cache=cache, fresh=fresh, rows=rows)
+    assert np.array_equal(merged, ops.cache_merge(cache.clone(), fresh, rows, dim).numpy())
+
+
+def test_make_node_rejects_bad_signatures():
+    with pytest.raises(ValueError, match="unknown esdllm op 'gather'"):
+        onnx_ops.make_node("gather", ["a"], ["b"])
+    with pytest.raises(ValueError, match="takes attributes"):
+        onnx_ops.make_node("cache_merge", ["c", "f", "r"], ["m"])
+
+
+# --- exported artifacts -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def built(request, tmp_path_factory):
+    ckpt = request.getfixturevalue(f"{request.param}_ckpt")
+    model = load_model(ckpt)
+    out = tmp_path_factory.mktemp(f"{request.param}-artifacts")
+    spec = export_artifacts(model, CFG, out, model_dir=ckpt)
+    return model, OrtExecutor(out), spec
+
+
+def test_artifacts_carry_plugin_nodes_and_share_weights(built):
+    model, _, spec = built
+    root = spec.root
+    assert set(spec.variants) == {"dense", "dense_hidden", "skip"}
+    assert spec.prune_layers == (1,)  # ES-dLLM default schedule on a 2-layer model
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    big = sum(s for s in sizes if s >= 1024)  # smaller tensors (norm weights) stay inline
+    weights = (root / WEIGHTS_FILE).stat().st_size
+    assert big <= weights < 1.5 * sum(sizes), "weights are stored once, not once per variant"
+    offsets = []
+    for name, v in spec.variants.items():
+        path = root / v["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        m = onnx.load(str(path), load_external_data=False)
+        assert m.ir_version == 10
+        assert path.stat().st_size < weights / 4
+        esd = [n for n in m.graph.node if n.domain == "esdllm"]
+        counts = {op: sum(n.op_type == op for n in esd) for op in onnx_ops.OP_NAMES}
+        L = model.args.n_layers
+        n_hidden = len(spec.prune_layers) if name != "dense" else 0
+        assert counts == {"partial_attention": L, "cache_merge": 2 * L + n_hidden,
+                          "token_gather": len(spec.prune_layers) if name == "skip" else 0}, (name, counts)
+        assert all({a.name: a.s for a in n.attribute}["plugin_namespace"] == b"esdllm" for n in esd)
+        assert {f.name for f in m.functions} == {op for op, c in counts.items() if c}
+        ext = [t for t in m.graph.initializer if t.data_location == T.EXTERNAL]
+        assert all({e.key: e.value for e in t.external_data}["location"] == WEIGHTS_FILE for t in ext)
+        offsets.append({int({e.key: e.value for e in t.external_data}["offset"]) for t in ext})
+        assert [i.name for i in m.graph.input] == [i["name"] for i in v["inputs"]]
+        assert [o.name for o in m.graph.output] == [o["name"] for o in v["outputs"]]
+    assert offsets[0] == offsets[1] == offsets[2], "every variant points at the same weight bytes"
+    meta = json.loads((root / "engine.json").read_text())
+    assert meta["plugins"]["namespace"] == "esdllm" and meta["versions"]["ir_version"] == 10
+    assert (root / meta["hf_dir"] / "config.json").is_file() and (root / meta["hf_dir"] / "tokenizer.json").is_file()
+
+
+def _caches(ex, model, B, L, pads, hidden):
+    """Same random cache contents for both executors."""
+    g = torch.Generator().manual_seed(3)
+    c = ex.new_cache(B, L, hidden)
+    c.set_layout(pads)
+    for t in c.k + c.v:
+        t.copy_(0.1 * torch.randn(t.shape, generator=g))
+    for l in sorted(c.hidden):
+        c.hidden[l].copy_(torch.randn(c.hidden[l].shape, generator=g))
+    return c
+
+
+def _plans(L, B, prune):
+    g = torch.Generator().manual_seed(4)
+    conf, bonus = torch.rand(B, L + 1, generator=g), torch.zeros(B, L + 1)
+    bonus[:, 13] = 5.0
+    bonus[:, L] = -1e4
+    blk = torch.arange(10, 18).expand(B, 8).clone()
+    blk[1, :3] = L                         # an entry with trash rows
+    full = torch.arange(L).expand(B, L).clone()
+    es = dict(write_hidden=True, confidence=conf, bonus=bonus, alpha=0.5)
+    return {
+        "full-head-hidden": (full, StepPlan(head=slice(9, 17), write_hidden=True)),
+        "block": (blk, StepPlan()),
+        "skip": (blk, StepPlan(keep={prune: 3}, **es)),
+        "skip-keep-rows": (blk, StepPlan(keep={prune: 4}, keep_rows={prune: torch.tensor([4, 2, 1])}, **es)),
+        "keep-all": (blk, StepPlan(keep={prune: 8}, head=slice(2, 6), **es)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["full-head-hidden", "block", "skip", "skip-keep-rows", "keep-all"])
+def test_ort_step_matches_transformer_step(built, kind):
+    model, ort_ex, spec = built
+    B, L, pads = 3, 24, torch.tensor([0, 3, 6])
+    prune = spec.prune_layers[-1]
+    idx, plan = _plans(L, B, prune)[kind]
+    tokens = torch.randint(0, model.args.vocab_size, idx.shape, generator=torch.Generator().manual_seed(5))
+    ct = _caches(TorchExecutor(model), model, B, L, pads, spec.prune_layers)
+    co = _caches(ort_ex, model, B, L, pads, spec.prune_layers)
+    with torch.inference_mode():
+        lt, pt = model.step(tokens, idx, ct, plan)
+        lo, po = ort_ex.step(tokens, idx, co, plan)
+    assert lo.shape == lt.shape and torch.equal(po, pt)
+    assert torch.allclose(lo, lt, atol=1e-4, rtol=1e-4), _report(lo, lt)
+    assert torch.equal(lo.argmax(-1), lt.argmax(-1))
+    for a, b in zip(co.k + co.v + list(co.hidden.values()), ct.k + ct.v + list(ct.hidden.values())):
+        sl = (slice(None),) * (2 if a.dim() == 4 else 1) + (slice(0, L),)  # slots, trash excluded
+        assert torch.allclose(a[sl], b[sl], atol=1e-5), _report(a[sl], b[sl])
+    used = "skip" if effective_keep(plan.keep, idx.shape[1]) else "dense_hidden" if plan.write_hidden else "dense"
+    assert ort_ex.calls[used] > 0
+
+
+METHODS = [dict(method="vanilla"), dict(method="fast-dllm", cache="dual"),
+           dict(method="es-dllm", threshold=0.05, block_update_freq=3, prompt_update_freq=8)]
+
+
+@pytest.mark.parametrize("kw", METHODS, ids=[m["method"] for m in METHODS])
+def test_generate_same_tokens_as_torch(built, kw):
+    model, ort_ex, _ = built
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    cfg = DecodeConfig(gen_length=16, block_length=8, **kw)
+    before = dict(ort_ex.calls)
+    a = generate(TorchExecutor(model), prompts, cfg)
+    b = generate(ort_ex, prompts, cfg)
+    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+    assert a.stats.nfe == b.stats.nfe
+    if kw["method"] == "es-dllm":
+        assert ort_ex.calls["skip"] > before.get("skip", 0), "the ES-dLLM run never used the skip graph"
