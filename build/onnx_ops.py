@@ -131,16 +131,17 @@ def partial_attention_function() -> FunctionProto:
 
 
 def cache_merge_function() -> FunctionProto:
-    """Out-of-place scatter of fresh rows into the cache along `dim`: rows [B, n] is unsqueezed at
+    """Out-of-place scatter of fresh rows into the cache along `dim`: rows [B, n] is reshaped to 1 at
     every dim except 0 and `dim`, expanded to fresh's shape and scattered."""
     nodes = [
         _n("Shape", ["fresh"], ["fshape"]), _n("Size", ["fshape"], ["rank"]),
         _c("zero", 0), _c("step", 1), _n("Range", ["zero", "rank", "step"], ["dims"]),
         _attr_const("axis_c", "dim", "value_int"),
         _n("Equal", ["dims", "zero"], ["is0"]), _n("Equal", ["dims", "axis_c"], ["isax"]),
-        _n("Or", ["is0", "isax"], ["kept_dim"]), _n("Not", ["kept_dim"], ["unsq"]),
-        _n("Compress", ["dims", "unsq"], ["axes"], axis=0),
-        _n("Unsqueeze", ["rows", "axes"], ["ridx"]), _n("Expand", ["ridx", "fshape"], ["idx"]),
+        _n("Or", ["is0", "isax"], ["kept_dim"]),
+        # rows [B, n] -> shape with 1 at every other dim (Where + Reshape: TensorRT parses no Compress)
+        _c("ones", 1), _n("Where", ["kept_dim", "fshape", "ones"], ["rshape"]),
+        _n("Reshape", ["rows", "rshape"], ["ridx"]), _n("Expand", ["ridx", "fshape"], ["idx"]),
         _n("CastLike", ["fresh", "cache"], ["fresh_c"]),
         _n("ScatterElements", ["cache", "idx", "fresh_c"], ["merged"]),
     ]

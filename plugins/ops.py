@@ -71,5 +71,5 @@ def cache_merge(cache: Tensor, fresh: Tensor, rows: Tensor, dim: int) -> Tensor:
     """
     shape = [rows.shape[0]] + [1] * (cache.dim() - 1)
     shape[dim] = rows.shape[1]
-    idx = rows.view(shape).expand_as(fresh)
+    idx = rows.reshape(shape).expand_as(fresh)
     return cache.scatter_(dim, idx, fresh.to(cache.dtype))

@@ -3,7 +3,16 @@
 for tests that need a model shape without a checkpoint. Treat the checkpoints as read-only."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+try:  # Triton's mode is fixed at its first import: pick the CPU interpreter before anyone imports it.
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 from esdllm.runtime.config import ModelArgs
 from esdllm.runtime.weights import make_tiny_checkpoint

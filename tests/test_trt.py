@@ -263,14 +263,12 @@ def test_trt_executor_step_logic_matches_torch(tiny_export, method):
     assert torch.equal(generate(ex, prompts, cfg).tokens, want)
 
 
-# TensorRT's ONNX parser rejects Compress (checkCompress); a Where-based shape builds (see the report)
-COMPRESS = any(n.op_type == "Compress" for n in onnx_ops.cache_merge_function().node)
-compress_xfail = pytest.mark.xfail(COMPRESS, strict=True, reason="build/onnx_ops.cache_merge_function uses "
-                                   "Compress, which TensorRT(-RTX) cannot parse")
+def test_local_functions_avoid_ops_tensorrt_cannot_parse():
+    # TensorRT's ONNX parser rejects Compress (checkCompress); cache_merge uses Where + Reshape instead.
+    assert not any(n.op_type == "Compress" for n in onnx_ops.cache_merge_function().node)
 
 
 @needs_rtx
-@compress_xfail
 def test_tensorrt_rtx_parses_and_builds_the_exported_graphs(tiny_export, tmp_path):
     """CPU-only AOT build of every exported variant (local functions inlined). Loading the engines
     needs an RTX-class GPU, so this proves parse + build only."""
@@ -285,8 +283,7 @@ def test_tensorrt_rtx_parses_and_builds_the_exported_graphs(tiny_export, tmp_pat
 
 
 @needs_rtx
-@pytest.mark.parametrize("op", [pytest.param(op, marks=compress_xfail) if op == "cache_merge" else op
-                                for op in SINGLE])
+@pytest.mark.parametrize("op", SINGLE)
 def test_tensorrt_rtx_builds_each_op_reference(op, tmp_path):
     import tensorrt_rtx as trt
 
