@@ -55,6 +55,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     dev = executor.device
     B, P, G, bl = len(prompts), max(len(p) for p in prompts), cfg.gen_length, cfg.block_length
     L = P + G
+    if hasattr(executor, "check_request"):  # compiled executors name the bound a request breaks
+        executor.check_request(B, P, G)
     if L > args.max_seq_len:
         raise ValueError(f"prompt ({P} tokens) + gen_length ({G}) = {L} exceeds the model's maximum "
                          f"sequence length {args.max_seq_len}")

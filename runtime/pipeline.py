@@ -62,8 +62,10 @@ class Pipeline:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, dtype=None, device: str = "cpu",
              executor: str = "torch", engine_dir: str | Path | None = None) -> "Pipeline":
-        from .executors import make_executor
+        from .executors import engine_model_dir, make_executor
         from .tokenizer import load_tokenizer
+        if model_dir is None and engine_dir is not None:  # artifacts carry the checkpoint's config + tokenizer
+            model_dir = engine_model_dir(engine_dir)
         model_dir = Path(model_dir) if model_dir else default_model()
         ex = make_executor(executor, model_dir=model_dir, engine_dir=engine_dir, dtype=dtype, device=device)
         return cls(ex, load_tokenizer(model_dir), model_dir)

@@ -1,0 +1,173 @@
+"""`esdllm bench`: methods side by side in one process, interleaved after a warm-up, on a preset.
+
+Presets build random-weight models at a given shape (speed does not depend on the weights):
+  tiny      CI-sized smoke run
+  cpu       LLaDA-shaped, large enough that compute dominates on 2 cores (full forward >= 100 ms)
+  llada-8b  / dream-7b: the real shapes in bfloat16 (GPU)
+Random weights never reach the 0.9 threshold, so threshold rows equal one token a step there;
+see `esdllm eval` on the trained default model for parallel decoding that fires.
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import DecodeConfig, ModelArgs
+from .generate import generate
+from .model import Transformer
+
+
+@dataclass(frozen=True)
+class Preset:
+    args: ModelArgs
+    prompt: int
+    gen: int
+    block: int
+    batch: int = 1
+    dtype: str = "float32"
+    rounds: int = 2
+
+
+def _llada(dim, layers, heads, ff, vocab=126464, **kw) -> ModelArgs:
+    return ModelArgs(family="llada", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+                     intermediate_size=ff, rope_theta=5e5, norm_eps=1e-5, qkv_bias=False, logits_shift=0,
+                     mask_id=vocab - 1, eos_id=vocab - 2, pad_id=vocab - 2, **kw)
+
+
+PRESETS = {
+    "tiny": Preset(_llada(64, 4, 4, 128, vocab=256), prompt=24, gen=32, block=16, rounds=1),
+    "cpu": Preset(_llada(384, 8, 6, 1024, vocab=2048), prompt=384, gen=128, block=32, rounds=1),
+    "llada-8b": Preset(_llada(4096, 32, 32, 12288), prompt=1024, gen=256, block=64, batch=8, dtype="bfloat16"),
+    "dream-7b": Preset(ModelArgs(family="dream", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                                 intermediate_size=18944, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
+                                 logits_shift=1, mask_id=151666, eos_id=151643, pad_id=151643,
+                                 rope_full_precision=False),
+                       prompt=1024, gen=256, block=64, batch=8, dtype="bfloat16"),
+}
+
+METHODS = {
+    "vanilla": dict(method="vanilla"),
+    "fast-dllm-dual": dict(method="fast-dllm", cache="dual"),
+    "fast-dllm-dual-t0.9": dict(method="fast-dllm", cache="dual", threshold=0.9),
+    "es-dllm": dict(method="es-dllm"),
+    "es-dllm-t0.9": dict(method="es-dllm", threshold=0.9),
+}
+HBM_GBPS = {"H100": 3350, "H200": 4800}
+
+
+def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: int | None = None,
+              progress: bool = True) -> dict:
+    torch.manual_seed(0)
+    dt = getattr(torch, preset.dtype)
+    with torch.device(device):
+        model = Transformer(preset.args).to(dt).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, preset.args.vocab_size - 8, (preset.batch, preset.prompt), generator=g).tolist()
+    base = DecodeConfig(gen_length=preset.gen, block_length=preset.block,
+                        prompt_update_freq=max(64, preset.block), block_update_freq=16)
+    cfgs = {m: base.replace(**METHODS[m]) for m in methods}
+    rounds = rounds or preset.rounds
+    res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0) for m in methods}
+    total = len(methods) * (rounds + 1)
+    bar = _bar(progress, total)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    peak = {}
+    for r in range(rounds + 1):  # round 0 warms up every method
+        for m in methods:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            out = generate(model, prompts, cfgs[m], stop_ids=set())  # random weights: no EOS semantics
+            if device.startswith("cuda"):
+                peak[m] = torch.cuda.max_memory_allocated() / 2**30
+            if r > 0:
+                s = out.stats
+                for k, v in (("seconds", s.seconds), ("tokens", s.generated_tokens), ("nfe", s.nfe),
+                             ("positions", s.positions_computed), ("steps", s.steps)):
+                    res[m][k] += v
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    table = {}
+    for m, v in res.items():
+        table[m] = {"tps": round(v["tokens"] / v["seconds"], 3), "nfe": v["nfe"] // rounds,
+                    "tokens_per_forward": round(v["tokens"] / max(v["nfe"], 1), 3),
+                    "positions_per_forward": round(v["positions"] / max(v["nfe"], 1), 2),
+                    "seconds": round(v["seconds"] / rounds, 4),
+                    "ms_per_forward": round(1000 * v["seconds"] / max(v["nfe"], 1), 3)}
+        if m in peak:
+            table[m]["peak_gib"] = round(peak[m], 3)
+    out = {"preset": None, "batch": preset.batch, "prompt": preset.prompt, "gen": preset.gen,
+           "block": preset.block, "dtype": preset.dtype, "device": _device_name(device),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": table, "speedup": {}}
+    for ref in ("vanilla", "fast-dllm-dual"):
+        if ref in table:
+            for m in table:
+                if m.startswith("es-dllm"):
+                    out["speedup"][f"{m}/{ref}"] = round(table[m]["tps"] / table[ref]["tps"], 3)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["weights_gib"] = round(weights / 2**30, 3)
+    for gpu, bw in HBM_GBPS.items():
+        if gpu in out["device"]:
+            out["bandwidth_floor_ms_per_forward"] = round(1000 * weights / (bw * 1e9), 3)
+    return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _bar(progress, total):
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
+
+
+def print_table(out: dict) -> None:
+    print(f"preset {out['preset']}: batch {out['batch']}, prompt {out['prompt']}, gen {out['gen']}, "
+          f"block {out['block']}, {out['dtype']}, {out['device']}, torch {out['torch']}")
+    print(f"{'method':<22}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}")
+    for m, v in out["methods"].items():
+        print(f"{m:<22}{v['tps']:>10.2f}{v['nfe']:>6}{v['tokens_per_forward']:>9.2f}"
+              f"{v['positions_per_forward']:>10.1f}{v['ms_per_forward']:>9.2f}{v['seconds']:>9.3f}")
+    for k, v in out["speedup"].items():
+        print(f"speedup {k}: {v:.2f}x")
+
+
+def _cmd(ns) -> int:
+    preset = PRESETS[ns.preset]
+    if ns.batch or ns.prompt_length:
+        preset = dataclasses.replace(preset, batch=ns.batch or preset.batch, prompt=ns.prompt_length or preset.prompt)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    methods = ns.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {unknown}; expected some of {list(METHODS)}")
+    out = run_bench(preset, methods, ns.device, ns.rounds, progress=sys.stderr.isatty())
+    out["preset"] = ns.preset
+    print_table(out)
+    print(json.dumps(out))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="methods side by side on a preset (table + JSON line)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--prompt-length", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd)
