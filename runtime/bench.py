@@ -83,7 +83,8 @@ def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: i
         for m in methods:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            out = generate(model, prompts, cfgs[m], stop_ids=set())  # random weights: no EOS semantics
+            cfg = cfgs[m] if r > 0 else cfgs[m].replace(gen_length=preset.block)  # warm-up: one block
+            out = generate(model, prompts, cfg, stop_ids=set())  # random weights: no EOS semantics
             if device.startswith("cuda"):
                 peak[m] = torch.cuda.max_memory_allocated() / 2**30
             if r > 0:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelArgs
-from ..plugins import ops
+from ..plugins import dispatch as ops
 
 
 class Cache:
