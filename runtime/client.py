@@ -1,0 +1,230 @@
+"""gRPC client of the `esdllm` Triton model, and a concurrent load test.
+
+request        one prompt over a gRPC stream (the model is decoupled, so always a stream):
+               text, stats, the streamed deltas, or the server's error
+bench_serve    N requests from C concurrent clients: throughput, p50/p99 latency, errors, and
+               whether every response equals the same request served alone
+register       adds `esdllm client` and `esdllm bench-serve` to the CLI
+tritonclient is imported inside these functions only, so the runtime imports without it.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODEL_NAME = "esdllm"
+# input -> Triton dtype (config.pbtxt); everything but text_input is optional
+INPUT_TYPES = {"text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "chat": "BOOL",
+               "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "random_seed": "UINT64",
+               "method": "BYTES", "block_length": "INT32", "steps": "INT32", "threshold": "FP32",
+               "cache": "BYTES", "skip_proportions": "FP32", "skip_positions": "FP32"}
+_NP = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32, "UINT64": np.uint64}
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    stats: dict = field(default_factory=dict)
+    chunks: list[str] = field(default_factory=list)   # text_output of every response, in order
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def make_inputs(values: dict):
+    """{name: value} -> [InferInput] with the batch dim ([1, 1], or [1, n] for the skip vectors).
+    A value may be a numpy array to send as is (wrong dtypes and shapes included)."""
+    import tritonclient.grpc as grpcclient
+    out = []
+    for name, v in values.items():
+        if isinstance(v, np.ndarray):
+            arr, dt = v, grpcclient.np_to_triton_dtype(v.dtype)
+        else:
+            dt = INPUT_TYPES[name]
+            if dt == "BYTES":
+                v = v.encode("utf-8") if isinstance(v, str) else v
+            arr = np.array([list(v) if isinstance(v, (list, tuple)) else [v]], dtype=_NP[dt])
+        inp = grpcclient.InferInput(name, list(arr.shape), dt)
+        inp.set_data_from_numpy(arr)
+        out.append(inp)
+    return out
+
+
+def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, timeout: float = 300.0,
+            cancel_after: int | None = None) -> Reply:
+    """Send one request over a fresh gRPC stream and collect its responses until the final one.
+    on_text(chunk) sees every text_output as it arrives. cancel_after=k: hang up after k responses."""
+    import tritonclient.grpc as grpcclient
+    q: queue.Queue = queue.Queue()
+    reply, t0 = Reply(), time.perf_counter()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: q.put((result, error)))
+        client.async_stream_infer(model, make_inputs(inputs), enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = q.get(timeout=timeout)
+            except queue.Empty:
+                reply.error = f"no response within {timeout} s"
+                break
+            if error is not None:
+                reply.error = str(error)
+                break
+            resp = result.get_response()
+            names = {o.name for o in resp.outputs}
+            if "text_output" in names:
+                chunk = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")
+                reply.chunks.append(chunk)
+                if on_text is not None:
+                    on_text(chunk)
+            if "stats" in names:
+                reply.stats = json.loads(result.as_numpy("stats").reshape(-1)[0])
+            if resp.parameters["triton_final_response"].bool_param:
+                break
+            if cancel_after is not None and len(reply.chunks) >= cancel_after:
+                reply.error = "cancelled by the client"
+                client.stop_stream(cancel_requests=True)
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    reply.text, reply.seconds = "".join(reply.chunks), time.perf_counter() - t0
+    return reply
+
+
+BENCH_PROMPTS = (
+    "Hi",
+    "The quick brown fox",
+    "Question: what is 12 + 30? Answer:",
+    "def add(a, b):",
+    "Diffusion language models denoise a canvas of masked tokens in parallel, one block at a time, and",
+    "User: hello! Assistant:",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3, 4,",
+)
+
+
+def _percentile(xs: list[float], p: float) -> float:
+    return float(np.percentile(xs, p)) if xs else float("nan")
+
+
+def bench_serve(url: str, concurrency: int, n_requests: int, knobs: dict, prompts=BENCH_PROMPTS,
+                model: str = MODEL_NAME, timeout: float = 300.0) -> dict:
+    """Serve each distinct prompt alone first (the reference), then N requests from `concurrency`
+    threads at once; a response mismatches when its text differs from its prompt's alone text."""
+    prompts = list(prompts)
+    alone = {p: request(url, {"text_input": p, **knobs}, model=model, timeout=timeout) for p in prompts}
+    bad_ref = {p: r.error for p, r in alone.items() if r.error}
+    if bad_ref:
+        raise RuntimeError(f"a request served alone failed: {bad_ref}")
+    jobs = [prompts[i % len(prompts)] for i in range(n_requests)]
+    results: list[Reply | None] = [None] * n_requests
+    lock, nxt = threading.Lock(), [0]
+
+    def worker():
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= n_requests:
+                return
+            results[i] = request(url, {"text_input": jobs[i], **knobs}, model=model, timeout=timeout)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [(r, p) for r, p in zip(results, jobs) if r.error is None]
+    lat = [r.seconds for r, _ in ok]
+    tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
+    return {"concurrency": concurrency, "requests": n_requests, "errors": n_requests - len(ok),
+            "mismatches": sum(r.text != alone[p].text for r, p in ok),
+            "identical_to_alone": len(ok) == n_requests and all(r.text == alone[p].text for r, p in ok),
+            "wall_seconds": round(wall, 4), "requests_per_second": round(len(ok) / wall, 3),
+            "tokens_per_second": round(tokens / wall, 3), "p50_latency_s": round(_percentile(lat, 50), 4),
+            "p99_latency_s": round(_percentile(lat, 99), 4),
+            "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
+            "first_error": next((r.error for r in results if r.error), None), "knobs": knobs}
+
+
+def _knobs(ns) -> dict:
+    """Flags -> optional inputs; only the ones given, so the server's defaults apply otherwise."""
+    names = ("max_tokens", "method", "block_length", "steps", "threshold", "temperature", "random_seed",
+             "cache", "chat")
+    out = {n: getattr(ns, n) for n in names if getattr(ns, n, None) not in (None, False)}
+    return out
+
+
+def _client(ns) -> int:
+    knobs = {**_knobs(ns), "stream": bool(ns.stream)}
+    printed = ns.stream and not ns.json
+    on_text = (lambda s: print(s, end="", flush=True)) if printed else None
+    reply = request(ns.url, {"text_input": ns.text, **knobs}, model=ns.model_name, on_text=on_text,
+                    timeout=ns.timeout)
+    if ns.json:
+        print(json.dumps({"text": reply.text, "stats": reply.stats, "error": reply.error,
+                          "chunks": reply.chunks, "seconds": round(reply.seconds, 4)}))
+        return 1 if reply.error else 0
+    if reply.error:
+        print(f"esdllm client: server error: {reply.error}", file=sys.stderr)
+        return 1
+    print("" if printed else reply.text)
+    st = reply.stats
+    print(f"-- {st.get('output_tokens')} tokens, NFE {st.get('nfe')}, batch {st.get('batch_size')}, "
+          f"{st.get('tokens_per_second')} tokens/s, kept {st.get('kept_fraction')}, {reply.seconds:.3f} s",
+          file=sys.stderr)
+    return 0
+
+
+def _bench(ns) -> int:
+    r = bench_serve(ns.url, ns.concurrency, ns.requests, {**_knobs(ns), "stream": bool(ns.stream)},
+                    model=ns.model_name, timeout=ns.timeout)
+    rows = [("concurrency", r["concurrency"]), ("requests", r["requests"]), ("errors", r["errors"]),
+            ("mismatches vs alone", r["mismatches"]), ("identical to alone", r["identical_to_alone"]),
+            ("requests/s", r["requests_per_second"]), ("tokens/s", r["tokens_per_second"]),
+            ("p50 latency (s)", r["p50_latency_s"]), ("p99 latency (s)", r["p99_latency_s"]),
+            ("largest batch seen", r["max_batch_seen"]), ("wall (s)", r["wall_seconds"])]
+    for k, v in rows:
+        print(f"{k:<22}{v}")
+    if r["first_error"]:
+        print(f"first error: {r['first_error']}")
+    print(json.dumps(r))
+    return 0 if r["errors"] == 0 and r["identical_to_alone"] else 1
+
+
+def _common(p) -> None:
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of the server")
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each response")
+    p.add_argument("--stream", action="store_true", help="stream one response per decided block")
+    p.add_argument("--max-tokens", type=int, default=None, help="gen length (default: the server's)")
+    p.add_argument("--method", default=None, choices=["vanilla", "fast-dllm", "es-dllm"])
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--random-seed", type=int, default=None)
+    p.add_argument("--cache", default=None, choices=["prefix", "dual", "none"])
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+
+
+def register(subparsers) -> None:
+    """Adds `esdllm client` and `esdllm bench-serve`."""
+    c = subparsers.add_parser("client", help="query a running `esdllm serve` over gRPC")
+    c.add_argument("text", help="the prompt")
+    c.add_argument("--json", action="store_true", help="print one JSON line with text, stats and chunks")
+    _common(c)
+    c.set_defaults(func=_client)
+    b = subparsers.add_parser("bench-serve", help="load-test a running server; checks results against alone")
+    b.add_argument("--concurrency", type=int, default=16)
+    b.add_argument("--requests", type=int, default=64)
+    _common(b)
+    b.set_defaults(func=_bench)

@@ -1,0 +1,226 @@
+"""End to end against a real tritonserver (the nvidia-pytriton wheel's, or one on PATH) on free
+loopback ports, serving the tiny LLaDA checkpoint: plain and streamed gRPC, every bad request,
+a client hanging up mid-stream, and 16 concurrent clients that must each get exactly the tokens
+they get alone. One server per module. Plus the template and request parsing without a server."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esdllm.runtime.config import DecodeConfig
+from esdllm.runtime.serve import REPO_TEMPLATE, fill_template, free_port, repo_values, write_repository
+
+
+def _load_serving():
+    """triton_repo/esdllm/1/esdllm_serving.py, the model's Triton-free half, loaded by path."""
+    path = REPO_TEMPLATE / "esdllm" / "1" / "esdllm_serving.py"
+    spec = importlib.util.spec_from_file_location("esdllm_serving", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+S = _load_serving()
+
+GEN, BLOCK, MAX_TOKENS, MAX_PROMPT = 16, 8, 32, 48
+PROMPTS = ["Hi", "The quick brown fox", "Question: what is 12 + 30? Answer:", "def add(a, b):",
+           "User: hello! Assistant:", "1, 2, 3, 4,", "Diffusion language models denoise a canvas", "ab"]
+
+
+# --- without a server ---------------------------------------------------------------------------
+
+def test_fill_template_escapes_and_names_missing_values():
+    out = fill_template('a: "${x}" b: ${n}', {"x": 'say "hi" \\', "n": 3})
+    assert out == 'a: "say \\"hi\\" \\\\" b: 3'
+    with pytest.raises(ValueError, match="needs values for n"):
+        fill_template("${n}", {})
+
+
+def test_written_repository_has_no_placeholder_left(tmp_path, llada_ckpt):
+    values = repo_values(None, llada_ckpt, max_tokens=MAX_TOKENS, decode={"gen_length": GEN, "block_length": BLOCK})
+    cfg = (write_repository(tmp_path, values) / "esdllm" / "config.pbtxt").read_text()
+    assert "${" not in cfg and "decoupled: true" in cfg and "max_batch_size: 8" in cfg
+    assert (tmp_path / "esdllm" / "1" / "model.py").is_file()
+    with pytest.raises(ValueError, match="block_length"):
+        repo_values(None, llada_ckpt, decode={"gen_length": 20, "block_length": 8})
+
+
+class _Pipe:
+    """Just enough Pipeline for parse_request: a whitespace 'tokenizer'."""
+    executor = None
+
+    def encode(self, text, chat=False, gen_length=0):
+        return list(range(len(text.split())))
+
+
+def _parse(**inputs):
+    arrays = {k: v if isinstance(v, np.ndarray) else np.array([[v]]) for k, v in inputs.items()}
+    return S.parse_request(arrays, _Pipe(), DecodeConfig(gen_length=GEN, block_length=BLOCK),
+                           S.Limits(MAX_TOKENS, MAX_PROMPT))
+
+
+def test_parse_request_maps_trtllm_names_onto_decode_config():
+    r = _parse(text_input=b"a b c", max_tokens=np.array([[4]], np.int32), stream=True, method=b"es-dllm",
+               threshold=np.array([[0.9]], np.float32), skip_proportions=np.array([[1.0, 0.5]], np.float32),
+               skip_positions=np.array([[0.0, 0.5]], np.float32))
+    assert r.prompt_ids == [0, 1, 2] and r.stream
+    assert (r.cfg.gen_length, r.cfg.block_length, r.cfg.method) == (4, 4, "es-dllm")
+    assert r.cfg.threshold == pytest.approx(0.9)
+    assert (r.cfg.skip_proportions, r.cfg.skip_positions) == ((1.0, 0.5), (0.0, 0.5))
+    with pytest.raises(ValueError, match="skip_positions must be increasing"):
+        _parse(text_input=b"a", skip_proportions=np.array([[1.0, 0.5]], np.float32),
+               skip_positions=np.array([[0.5, 0.0]], np.float32))
+    same = [_parse(text_input=b"x"), _parse(text_input=b"y y"), _parse(text_input=b"z", method=b"es-dllm")]
+    groups = S.group_by_config([(q, i) for i, q in enumerate(same)])
+    assert [[i for _, i in g] for _, g in groups] == [[0, 1], [2]]
+
+
+def test_stream_text_holds_back_a_cut_character():
+    st = S.StreamText()
+    assert st.delta("ab\ufffd") == "ab" and st.delta("abc d") == "c d" and st.delta("abc d\ufffd", final=True) == "\ufffd"
+
+
+# --- against the real server --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(llada_ckpt, tmp_path_factory):
+    pytest.importorskip("tritonclient.grpc")
+    from esdllm.runtime.serve import TritonServer
+    values = repo_values(None, llada_ckpt, executor="torch", device="cpu", max_batch=16, max_tokens=MAX_TOKENS,
+                         max_prompt=MAX_PROMPT, queue_delay_us=20000,
+                         decode={"gen_length": GEN, "block_length": BLOCK})
+    try:
+        srv = TritonServer(values, grpc_port=free_port(), http_port=free_port(),
+                           log=tmp_path_factory.mktemp("triton") / "tritonserver.log")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def pipe(llada_ckpt):
+    from esdllm.runtime.pipeline import Pipeline
+    return Pipeline.load(llada_ckpt)
+
+
+def _ask(server, **inputs):
+    from esdllm.runtime.client import request
+    return request(server.grpc_url, inputs, timeout=120)
+
+
+def _alone(pipe, prompt, **kw):
+    """The completion of `prompt` decoded alone, in this process."""
+    kw = {"gen_length": GEN, "block_length": BLOCK, **kw}
+    return pipe.generate([prompt], DecodeConfig(**kw)).completions[0]
+
+
+@pytest.mark.serve
+def test_plain_request_matches_the_runtime(server, pipe):
+    r = _ask(server, text_input=PROMPTS[1])
+    assert r.error is None and len(r.chunks) == 1
+    alone = _alone(pipe, PROMPTS[1])
+    assert r.text == alone.text
+    st = r.stats
+    assert (st["nfe"], st["output_tokens"], st["batch_size"]) == (GEN, alone.n_tokens, 1)
+    assert st["kept_fraction"] == 1.0 and st["tokens_per_second"] > 0 and st["executor"] == "torch"
+
+
+@pytest.mark.serve
+def test_stream_sends_each_block_then_the_stats(server, pipe):
+    plain = _ask(server, text_input=PROMPTS[2], max_tokens=MAX_TOKENS, method="es-dllm")
+    r = _ask(server, text_input=PROMPTS[2], max_tokens=MAX_TOKENS, method="es-dllm", stream=True)
+    assert r.error is None and plain.error is None
+    assert len([c for c in r.chunks[:-1] if c]) >= 2  # text arrives before the final response
+    assert r.text == plain.text == _alone(pipe, PROMPTS[2], gen_length=MAX_TOKENS, method="es-dllm").text
+    assert r.stats["method"] == "es-dllm" and 0 < r.stats["kept_fraction"] < 1
+
+
+BAD = {
+    "empty": ({"text_input": ""}, "text_input is empty"),
+    "missing": ({"max_tokens": 8}, "text_input is missing"),
+    "dtype": ({"text_input": "hi", "max_tokens": np.array([[8]], np.int64)}, "'max_tokens' data-type is 'INT64'"),
+    "shape": ({"text_input": np.array([[b"a", b"b"]], object)}, "unexpected shape for input 'text_input'"),
+    "two_prompts": ({"text_input": np.array([[b"a"], [b"b"]], object)}, "text_input must hold one value"),
+    "max_tokens_0": ({"text_input": "hi", "max_tokens": 0}, "max_tokens must be positive"),
+    "max_tokens_big": ({"text_input": "hi", "max_tokens": 64}, "beyond the served range (at most 32)"),
+    "not_multiple": ({"text_input": "hi", "max_tokens": 24, "block_length": 16}, "not a multiple of block_length"),
+    "method": ({"text_input": "hi", "method": "nope"}, "unknown method 'nope'"),
+    "threshold_big": ({"text_input": "hi", "threshold": 1.5}, "threshold must be in (0, 1]"),
+    "threshold_0": ({"text_input": "hi", "threshold": 0.0}, "threshold must be in (0, 1]"),
+    "utf8": ({"text_input": b"\xff\xfehi"}, "not valid UTF-8"),
+    "too_long": ({"text_input": "word " * 100}, f"longer than the limit of {MAX_PROMPT}"),
+}
+
+
+@pytest.mark.serve
+def test_bad_requests_get_named_errors_while_good_ones_complete(server, pipe):
+    """All bad requests and two good ones at once: the dynamic batcher hands them to the model
+    together; each bad one gets its own error, the good ones their usual text."""
+    from esdllm.runtime.client import request
+    jobs = {**{k: inputs for k, (inputs, _) in BAD.items()}, "good0": {"text_input": PROMPTS[0]},
+            "good1": {"text_input": PROMPTS[3]}}
+    out: dict = {}
+    threads = [threading.Thread(target=lambda k=k, v=v: out.__setitem__(k, request(server.grpc_url, v, timeout=120)))
+               for k, v in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, (_, expect) in BAD.items():
+        assert out[name].error is not None and expect in out[name].error, (name, out[name].error)
+    assert out["good0"].error is None and out["good0"].text == _alone(pipe, PROMPTS[0]).text
+    assert out["good1"].error is None and out["good1"].text == _alone(pipe, PROMPTS[3]).text
+
+
+@pytest.mark.serve
+def test_client_hanging_up_mid_stream_frees_its_slot(server, pipe):
+    r = _ask(server, text_input=PROMPTS[4], max_tokens=MAX_TOKENS, stream=True)  # 4 blocks
+    from esdllm.runtime.client import request
+    cut = request(server.grpc_url, {"text_input": PROMPTS[4], "max_tokens": MAX_TOKENS, "stream": True},
+                  cancel_after=1)
+    assert cut.chunks == r.chunks[:1]
+    log = Path(server.log)
+    deadline = time.monotonic() + 60
+    while "went away" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "went away; stopped after block" in log.read_text(errors="replace")
+    after = _ask(server, text_input=PROMPTS[5])
+    assert after.error is None and after.text == _alone(pipe, PROMPTS[5]).text
+
+
+@pytest.mark.serve
+def test_16_concurrent_clients_get_what_they_get_alone(server, pipe):
+    from esdllm.runtime.client import request
+    jobs = [(PROMPTS[i % len(PROMPTS)], "vanilla" if i % 2 else "es-dllm") for i in range(16)]
+    out: list = [None] * len(jobs)
+
+    def run(i):
+        p, m = jobs[i]
+        out[i] = request(server.grpc_url, {"text_input": p, "method": m, "stream": i % 4 == 0}, timeout=120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.error for r in out] == [None] * len(jobs)
+    want = {(p, m): _alone(pipe, p, method=m) for p, m in set(jobs)}
+    assert [r.text for r in out] == [want[j].text for j in jobs]
+    assert [r.stats["output_tokens"] for r in out] == [want[j].n_tokens for j in jobs]
+    assert max(r.stats["batch_size"] for r in out) > 1, "concurrent requests were never batched"
+
+
+@pytest.mark.serve
+def test_bench_serve_reports_no_errors_and_no_mismatches(server):
+    from esdllm.runtime.client import bench_serve
+    res = bench_serve(server.grpc_url, concurrency=16, n_requests=16, knobs={"method": "es-dllm"})
+    assert (res["errors"], res["mismatches"], res["identical_to_alone"]) == (0, 0, True), res
+    assert res["p99_latency_s"] >= res["p50_latency_s"] > 0

@@ -1,0 +1,201 @@
+"""The Triton-free half of the `esdllm` model: pick an executor, load the Pipeline, turn one
+request's input tensors into a validated `Request` (or a ValueError naming the problem), group
+requests that can share one diffusion batch, and shape per-request stats and streamed deltas.
+
+model.py (next to this file) is only the pb_utils glue around it; tests drive this with numpy.
+Input names follow the TensorRT-LLM backend where one exists (text_input, max_tokens, stream,
+temperature, top_p, top_k, random_seed); the dLLM knobs are esdllm's own.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import locale
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from esdllm.runtime.config import DecodeConfig
+
+# input name -> (numpy kind letters accepted, DecodeConfig field or None)
+SCALARS = {
+    "max_tokens": ("iu", "gen_length"),
+    "stream": ("b", None),
+    "chat": ("b", None),
+    "temperature": ("f", "temperature"),
+    "top_p": ("f", "top_p"),
+    "top_k": ("iu", "top_k"),
+    "random_seed": ("iu", "seed"),
+    "method": ("OSU", "method"),
+    "block_length": ("iu", "block_length"),
+    "steps": ("iu", "steps"),
+    "threshold": ("f", "threshold"),
+    "cache": ("OSU", "cache"),
+}
+VECTORS = {"skip_proportions": "skip_proportions", "skip_positions": "skip_positions"}
+INPUT_NAMES = ("text_input", *SCALARS, *VECTORS)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int     # largest gen length served (the built profile's gen_length)
+    max_prompt: int     # longest prompt in tokens
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    cfg: DecodeConfig
+    stream: bool
+
+
+def choose_executor(requested: str, artifacts: str | None, device: str) -> str:
+    """"auto": TensorRT when the artifacts hold engines and TensorRT + a GPU are here, else
+    onnxruntime when there are artifacts and onnxruntime is installed, else torch."""
+    if requested != "auto":
+        return requested
+    if artifacts:
+        from esdllm.build.config import EngineSpec
+        spec = EngineSpec.read(artifacts)
+        if spec.engines and device.startswith("cuda") and importlib.util.find_spec("tensorrt"):
+            return "tensorrt"
+        if importlib.util.find_spec("onnxruntime"):
+            return "onnxruntime"
+    return "torch"
+
+
+def choose_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def utf8_locale() -> None:
+    """The stub's embedded interpreter keeps the C locale (open() would default to ASCII): take the
+    environment's locale as python3 would, or C.UTF-8 as python3's C-locale coercion would."""
+    for name in ("", "C.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+            return
+
+
+def load(params: dict[str, str]):
+    """config.pbtxt parameters -> (pipeline, default DecodeConfig, Limits, chat default, info)."""
+    utf8_locale()
+    from esdllm.runtime.pipeline import Pipeline
+    artifacts = params.get("artifacts_dir") or None
+    device = choose_device(params.get("device") or "auto")
+    executor = choose_executor(params.get("executor") or "auto", artifacts, device)
+    pipe = Pipeline.load(params.get("model_dir") or None, dtype=params.get("dtype") or None, device=device,
+                         executor=executor, engine_dir=artifacts)
+    defaults = DecodeConfig(**_tuples(json.loads(params.get("decode_defaults") or "{}")))
+    max_tokens = int(params.get("max_tokens_limit") or 0) or defaults.gen_length
+    max_prompt = int(params.get("max_prompt_tokens") or 0) or pipe.args.max_seq_len - max_tokens
+    chat = (params.get("chat") or "false").lower() in ("1", "true", "yes")
+    info = {"executor": executor, "device": device, "model_dir": str(pipe.model_dir)}
+    return pipe, defaults, Limits(max_tokens, max_prompt), chat, info
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _scalar(name: str, arr: np.ndarray, kinds: str):
+    if arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} has dtype {arr.dtype}, expected kind {kinds!r}")
+    if arr.size != 1:
+        raise ValueError(f"{name} must hold one value per request, got shape {list(arr.shape)}")
+    v = arr.reshape(-1)[0]
+    if kinds == "OSU":
+        return _utf8(name, v)
+    return bool(v) if kinds == "b" else float(v) if kinds == "f" else int(v)
+
+
+def _utf8(name: str, v) -> str:
+    if isinstance(v, str):
+        return v
+    try:
+        return bytes(v).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def parse_request(inputs: dict[str, np.ndarray | None], pipe, defaults: DecodeConfig, limits: Limits,
+                  chat_default: bool = False) -> Request:
+    """inputs: name -> array as Triton hands it over ([1, 1] with the batch dim), None when absent.
+    Raises ValueError naming the offending input."""
+    text = inputs.get("text_input")
+    if text is None:
+        raise ValueError("text_input is missing: send the prompt as a BYTES tensor of shape [1, 1]")
+    prompt = _scalar("text_input", text, "OSU")
+    if not prompt.strip():
+        raise ValueError("text_input is empty")
+    vals = {n: _scalar(n, inputs[n], k) for n, (k, _) in SCALARS.items() if inputs.get(n) is not None}
+    kw = {SCALARS[n][1]: v for n, v in vals.items() if SCALARS[n][1]}
+    for name, fld in VECTORS.items():
+        if inputs.get(name) is not None:
+            if inputs[name].dtype.kind != "f":
+                raise ValueError(f"{name} has dtype {inputs[name].dtype}, expected float32")
+            kw[fld] = tuple(float(v) for v in inputs[name].reshape(-1))
+    gen = kw.get("gen_length", defaults.gen_length)
+    if gen <= 0:
+        raise ValueError(f"max_tokens must be positive, got {gen}")
+    if gen > limits.max_tokens:
+        raise ValueError(f"max_tokens {gen} is beyond the served range (at most {limits.max_tokens})")
+    if "threshold" in kw and not 0 < kw["threshold"] <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {kw['threshold']}")
+    if "gen_length" in kw and "block_length" not in kw and gen < defaults.block_length:
+        kw["block_length"] = gen  # a short answer is one block rather than an error
+    if "gen_length" in kw and "steps" not in kw and defaults.steps is not None:
+        kw["steps"] = max(1, defaults.steps * gen // defaults.gen_length)  # keep tokens per step
+    cfg = defaults.replace(**kw)  # DecodeConfig validates: method, block multiple, steps, ...
+    try:
+        ids = pipe.encode(prompt, chat=vals.get("chat", chat_default), gen_length=gen)
+    except ValueError as e:
+        raise ValueError(f"text_input: {e}") from None
+    if len(ids) > limits.max_prompt:
+        raise ValueError(f"text_input: prompt is {len(ids)} tokens, longer than the limit of {limits.max_prompt}")
+    check = getattr(pipe.executor, "check_request", None)
+    if check is not None:
+        check(1, len(ids), gen)
+    return Request(ids, cfg, bool(vals.get("stream", False)))
+
+
+def group_by_config(items: list[tuple[Request, object]]) -> list[tuple[DecodeConfig, list]]:
+    """Requests with equal configs share one generate() call; first-come order is kept."""
+    groups: dict[DecodeConfig, list] = {}
+    for item in items:
+        groups.setdefault(item[0].cfg, []).append(item)
+    return list(groups.items())
+
+
+class StreamText:
+    """Turns cumulative decoded texts into deltas. A trailing U+FFFD (a multi-byte character cut in
+    half) is held back until the next block completes it."""
+
+    def __init__(self):
+        self.sent = ""
+
+    def delta(self, text: str, final: bool = False) -> str:
+        stable = text if final else text.rstrip("\ufffd")
+        if not stable.startswith(self.sent):
+            return ""  # the tokenizer re-merged earlier text; the final response carries the rest
+        out, self.sent = stable[len(self.sent):], stable
+        return out
+
+
+def request_stats(stats, n_tokens: int, prompt_tokens: int, batch: list[Request], info: dict) -> dict:
+    """Per-request stats: the request's own token counts plus its batch's NFE, speed and the
+    kept fraction (rows forwarded per step over the canvas length, 1.0 for vanilla)."""
+    canvas = max(len(r.prompt_ids) for r in batch) + batch[0].cfg.gen_length
+    return {"nfe": stats.nfe, "steps": stats.steps, "output_tokens": n_tokens, "prompt_tokens": prompt_tokens,
+            "batch_size": len(batch), "batch_tokens": stats.generated_tokens,
+            "tokens_per_second": round(stats.tokens_per_second, 3),
+            "tokens_per_forward": round(stats.tokens_per_forward, 4),
+            "kept_fraction": round(stats.positions_per_forward / canvas, 4),
+            "seconds": round(stats.seconds, 6), "method": batch[0].cfg.method, **info}

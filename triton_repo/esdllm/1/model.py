@@ -1,0 +1,124 @@
+"""Triton python-backend model `esdllm`: diffusion-LLM generation over the esdllm runtime.
+
+Decoupled: every request gets its responses through its own sender (one final response, or with
+stream=true one response per newly decided block, then the final one with the stats). The
+dynamic batcher hands execute() the requests that queued up; requests with equal decoding
+configs run as one diffusion batch (mixed prompt lengths, each row gets exactly the tokens it gets
+alone), different configs run one after another. A bad request gets an error naming the problem
+and the others complete. Everything that is not pb_utils glue lives in esdllm_serving.py.
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import esdllm_serving as S
+
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class _AllCancelled(Exception):
+    """Every client of the running batch went away: stop decoding it."""
+
+
+def _bytes(s: str) -> np.ndarray:
+    return np.array([[s.encode("utf-8")]], dtype=np.object_)
+
+
+def _error(msg: str, invalid_arg: bool = False):
+    # pb_utils.TritonError is bound by the stub after this module is imported: look it up late.
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_arg else None
+    return pb_utils.TritonError(msg) if code is None else pb_utils.TritonError(msg, code)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.pipe, self.defaults, self.limits, self.chat, self.info = S.load(params)
+        pb_utils.Logger.log_info(f"esdllm: {self.info}, limits {self.limits}, defaults {self.defaults}")
+
+    def execute(self, requests):
+        parsed = []
+        for r in requests:
+            sender = r.get_response_sender()
+            inputs = {}
+            for name in S.INPUT_NAMES:
+                t = pb_utils.get_input_tensor_by_name(r, name)
+                inputs[name] = None if t is None else t.as_numpy()
+            try:
+                parsed.append((S.parse_request(inputs, self.pipe, self.defaults, self.limits, self.chat), sender))
+            except (ValueError, TypeError) as e:
+                self._send(sender, error=_error(str(e), invalid_arg=True), final=True)
+        for cfg, group in S.group_by_config(parsed):
+            self._run(cfg, group)
+        return None
+
+    def _run(self, cfg, group):
+        queued, group = group, []
+        for req, sender in queued:  # clients that left while queued take no row in the batch
+            if sender.is_cancelled():
+                self._send(sender, final=True)
+            else:
+                group.append((req, sender))
+        if not group:
+            return
+        streams = [S.StreamText() for _ in group]
+        gone = [False] * len(group)
+
+        def on_block(ev):
+            for i, (req, sender) in enumerate(group):
+                gone[i] = gone[i] or sender.is_cancelled()
+                if req.stream and not gone[i]:
+                    delta = streams[i].delta(ev.texts[i])
+                    if delta and not self._send(sender, text=delta):
+                        gone[i] = True
+            if all(gone):
+                pb_utils.Logger.log_info(f"esdllm: every client of a batch of {len(group)} went away; "
+                                         f"stopped after block {ev.block + 1} of {ev.n_blocks}")
+                raise _AllCancelled()
+
+        try:
+            res = self.pipe.generate([req.prompt_ids for req, _ in group], cfg, on_block=on_block)
+        except _AllCancelled:
+            for _, sender in group:
+                self._send(sender, final=True)
+            return
+        except Exception as e:  # one failed batch must not take the server down
+            pb_utils.Logger.log_error(f"esdllm: batch of {len(group)} failed: {e!r}")
+            for _, sender in group:
+                self._send(sender, error=_error(f"generation failed: {e}"), final=True)
+            return
+        reqs = [req for req, _ in group]
+        for i, ((req, sender), comp) in enumerate(zip(group, res.completions)):
+            if gone[i]:
+                self._send(sender, final=True)
+                continue
+            text = streams[i].delta(comp.text, final=True) if req.stream else comp.text
+            st = S.request_stats(res.stats, comp.n_tokens, len(req.prompt_ids), reqs, self.info)
+            self._send(sender, text=text, stats=st, final=True)
+
+    def _send(self, sender, text=None, stats=None, error=None, final=False) -> bool:
+        """Send one response; False when the client is gone (the batch goes on without it)."""
+        resp = None
+        if error is not None:
+            resp = pb_utils.InferenceResponse(output_tensors=[], error=error)
+        elif text is not None:
+            outs = [pb_utils.Tensor("text_output", _bytes(text))]
+            if stats is not None:
+                outs += [pb_utils.Tensor("stats", _bytes(json.dumps(stats))),
+                         pb_utils.Tensor("num_input_tokens", np.array([[stats["prompt_tokens"]]], np.int32)),
+                         pb_utils.Tensor("num_output_tokens", np.array([[stats["output_tokens"]]], np.int32))]
+            resp = pb_utils.InferenceResponse(output_tensors=outs)
+        try:
+            if resp is None:
+                sender.send(flags=FINAL)
+            else:
+                sender.send(resp, flags=FINAL if final else 0)
+            return True
+        except Exception as e:  # pb_utils raises TritonModelException once the client has gone
+            pb_utils.Logger.log_warn(f"esdllm: dropped a response: {e}")
+            return False
+
+    def finalize(self):
+        self.pipe = None
