@@ -149,7 +149,7 @@ class EngineSpec:
     def write(self, root: str | Path | None = None) -> Path:
         root = Path(root or self.root)
         path = root / ENGINE_JSON
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -163,7 +163,7 @@ class EngineSpec:
             raise EngineError(f"no {ENGINE_JSON} in {root}: not an esdllm artifacts directory "
                               f"(build it with `esdllm build --model DIR --out {root}`)")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise EngineError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:

@@ -209,7 +209,7 @@ def args_from_dir(model_dir: str | Path) -> ModelArgs:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    cfg = json.loads(path.read_text())
+    cfg = json.loads(path.read_text(encoding="utf-8"))
     family = SUPPORTED_MODEL_TYPES.get(cfg.get("model_type"))
     return args_from_hf_config(cfg, special_ids_from_files(model_dir, family) if family else None)
 

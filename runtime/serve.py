@@ -84,7 +84,7 @@ def write_repository(out: str | Path, values: dict, template: Path = REPO_TEMPLA
     if not (src / "config.pbtxt").is_file():
         raise FileNotFoundError(f"no model template at {src}")
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    (dst / "config.pbtxt").write_text(fill_template((src / "config.pbtxt").read_text(), values))
+    (dst / "config.pbtxt").write_text(fill_template((src / "config.pbtxt").read_text(encoding="utf-8"), values))
     return Path(out)
 
 

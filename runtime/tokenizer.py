@@ -87,7 +87,7 @@ def special_ids_from_files(path: str | Path, family: str) -> dict[str, int]:
     f = Path(path) / "tokenizer.json"
     if not f.is_file():
         return {}
-    by_content = {t["content"]: t["id"] for t in json.loads(f.read_text()).get("added_tokens", [])}
+    by_content = {t["content"]: t["id"] for t in json.loads(f.read_text(encoding="utf-8")).get("added_tokens", [])}
     return {role: by_content[s] for role, s in _check_family(family).items() if s in by_content}
 
 
@@ -105,7 +105,7 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(f"tokenizer files missing in {path}: {', '.join(missing)}")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     if "AutoTokenizer" in cfg.get("auto_map", {}):
         return PreTrainedTokenizerFast.from_pretrained(str(path))
     with warnings.catch_warnings():
@@ -211,6 +211,6 @@ def build_tokenizer(family: str, out_dir: str | Path, corpus: Iterable[str] | No
     }
     if family == "dream":
         cfg["mask_token"] = specials["mask"]  # Dream registers it; LLaDA's <|mdm_mask|> is unregistered
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return SpecialIds(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["eos"], mask_id=ids["mask"],
                       eot_id=ids["eot"], n_tokens=tok.get_vocab_size(with_added_tokens=True))

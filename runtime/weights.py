@@ -187,7 +187,7 @@ def name_table(args: ModelArgs) -> dict[str, str]:
 def _read_json(f: Path, what: str) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"{what} not found: {f}")
-    return json.loads(f.read_text())
+    return json.loads(f.read_text(encoding="utf-8"))
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -282,7 +282,7 @@ def save_model(model: Transformer, path, dtype=None, shard_size: int | None = No
     sd = model.state_dict()
     table = name_table(model.args)
     tensors = {hf: sd[ours].detach().to("cpu", dtype).contiguous() for hf, ours in table.items()}
-    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2) + "\n", encoding="utf-8")
     for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)  # a re-save must not leave the other layout behind
     meta = {"format": "pt"}
@@ -304,7 +304,7 @@ def save_model(model: Transformer, path, dtype=None, shard_size: int | None = No
         save_file(part, str(path / fname), metadata=meta)
         weight_map.update({n: fname for n in part})
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return path
 
 
