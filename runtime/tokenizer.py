@@ -108,11 +108,19 @@ def load_tokenizer(path: str | Path):
     cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     if "AutoTokenizer" in cfg.get("auto_map", {}):
         return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
     with warnings.catch_warnings():
         # AutoTokenizer parses config.json only to look for a tokenizer class; Dream's (real)
-        # "rope_scaling": null trips a transformers deprecation warning that is not ours to fix.
+        # "rope_scaling": null trips a transformers deprecation warning that is not ours to fix,
+        # and model types it does not know (llada, Dream) make it log a spurious mismatch.
         warnings.filterwarnings("ignore", message=".*rope_scaling.*deprecated", category=FutureWarning)
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(level)
 
 
 def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int]:

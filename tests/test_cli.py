@@ -1,0 +1,47 @@
+"""`esdllm generate` and `esdllm bench` from the command line, on both families' tiny checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from esdllm.runtime import cli
+from esdllm.runtime.bench import PRESETS, run_bench
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("method", [["--method", "vanilla"],
+                                    ["--method", "fast-dllm", "--cache", "dual", "--threshold", "0.9"],
+                                    ["--method", "es-dllm", "--threshold", "0.9"]])
+def test_generate_json(family, method, llada_ckpt, dream_ckpt, capsys):
+    ckpt = llada_ckpt if family == "llada" else dream_ckpt
+    rc = cli.main(["generate", "--model", str(ckpt), "--prompt", "hello there", "--prompt", "hi",
+                   "--gen-length", "16", "--block-length", "8", "--json", *method])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["texts"]) == 2 and len(out["token_ids"]) == 2
+    assert all(len(ids) <= 16 for ids in out["token_ids"])
+    st = out["stats"]
+    assert st["nfe"] >= 1 and st["positions_per_forward"] > 0 and st["seconds"] > 0
+    assert out["config"]["method"] == method[1]
+
+
+def test_generate_bad_input_names_the_problem(llada_ckpt, capsys):
+    rc = cli.main(["generate", "--model", str(llada_ckpt), "--prompt", "x", "--gen-length", "10",
+                   "--block-length", "4"])
+    assert rc == 2 and "not a multiple of block_length" in capsys.readouterr().err
+    rc = cli.main(["generate", "--model", str(llada_ckpt), "--prompt", "x " * 5000])
+    assert rc == 2 and "longer than the limit" in capsys.readouterr().err
+
+
+def test_bench_tiny_reports_methods_and_compute():
+    out = run_bench(PRESETS["tiny"], ["vanilla", "fast-dllm-dual", "es-dllm"], rounds=1, progress=False)
+    m = out["methods"]
+    assert set(m) == {"vanilla", "fast-dllm-dual", "es-dllm"}
+    for v in m.values():
+        assert v["tps"] > 0 and v["nfe"] == PRESETS["tiny"].gen and v["seconds"] > 0
+    # the work each method does per forward is deterministic: skipping < dual cache < full canvas
+    rows = {k: v["positions_per_forward"] for k, v in m.items()}
+    assert rows["es-dllm"] < rows["fast-dllm-dual"] < rows["vanilla"]
+    assert {"es-dllm/vanilla", "es-dllm/fast-dllm-dual"} <= set(out["speedup"])
+    json.dumps(out)
