@@ -212,7 +212,9 @@ class Transformer(nn.Module):
                 h_all = h
                 sel, h = ops.token_gather(h_all, prev, conf, bonus, plan.alpha, keep[l])
                 rows, pos = rows.gather(1, sel), pos.gather(1, sel)
-                if plan.keep_rows is not None:
+                # Per-row truncation only when some row keeps fewer than k (always when tracing for export).
+                if plan.keep_rows is not None and (torch.jit.is_tracing()
+                                                   or bool((plan.keep_rows[l] < keep[l]).any())):
                     rows = _truncate(rows, sel, plan.keep_rows[l], cache.trash,
                                      ops.importance(h_all, prev, conf, bonus, plan.alpha))
                 cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta)
