@@ -1,3 +1,3 @@
-"""Offline compilation: checkpoint -> ONNX graph variants with esdllm plugin nodes -> TensorRT
-engines, plus the engine.json sidecar (config.py). Never imported at serve time except
-build.config, which executors use to read engine.json."""
+"""Offline compilation: checkpoint -> ONNX graph variants with esdllm plugin nodes (graphs.py,
+export_onnx.py, onnx_ops.py) -> TensorRT / TensorRT-RTX engines (engine.py), plus the engine.json
+sidecar whose schema lives in runtime/artifacts.py (the runtime reads it; it never imports build)."""

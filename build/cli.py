@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BACKENDS, DTYPES, PLUGIN_MODES, VARIANTS, BuildConfig
+from ..runtime.artifacts import BACKENDS, DTYPES, PLUGIN_MODES, VARIANTS, BuildConfig
 
 
 def _floats(s: str) -> tuple[float, ...]:

@@ -9,7 +9,7 @@ tensorrt-rtx  TensorRT-RTX (package tensorrt-rtx-cu12) takes no Python plugins, 
 
 Both: a strongly typed network (the ONNX dtypes are the engine's dtypes), the ONNX parser, and one
 optimization profile: each input dim named after a profile axis (batch, rows, slots) takes that
-axis's (min, opt, max) from build.config.profile_dims; shape-tensor inputs (keep counts, head
+axis's (min, opt, max) from runtime.artifacts.profile_dims; shape-tensor inputs (keep counts, head
 bounds) take value ranges from the rows axis. TensorRT is imported lazily; a missing package raises
 ImportError with the install line. The graph prepared for a backend is written next to the ONNX
 file (external weights resolve by relative path) and removed after the build.
@@ -139,7 +139,7 @@ def prepare_onnx(path: Path, backend: str, plugins: str = "jit") -> Path:
 
 def profile_from_onnx(model: onnx.ModelProto, axes: dict[str, tuple[int, int, int]]) -> Profile:
     """One optimization profile from the graph inputs' shapes: a dim_param names an axis of
-    `axes` (build.config.profile_dims), a dim_value is static."""
+    `axes` (runtime.artifacts.profile_dims), a dim_value is static."""
     prof: Profile = {}
     init = {t.name for t in model.graph.initializer}
     for inp in model.graph.input:
@@ -247,10 +247,10 @@ def build_engine(trt, onnx_path: Path, profiles: list[Profile], backend: str, gr
 
 def build_engines(onnx_paths: dict[str, Path], cfg, backend: str, out_dir: Path,
                   progress: bool = True) -> dict[str, Path]:
-    """Build one engine per graph. onnx_paths: graph name -> ONNX file; cfg: build.config.BuildConfig
+    """Build one engine per graph. onnx_paths: graph name -> ONNX file; cfg: runtime.artifacts.BuildConfig
     (profile axes from profile_dims(cfg), plugin mode cfg.plugins). Returns graph name -> engine file
     out_dir/<graph><ENGINE_SUFFIX>."""
-    from .config import profile_dims
+    from ..runtime.artifacts import profile_dims
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; expected one of {BACKENDS}")

@@ -23,7 +23,7 @@ from onnx import TensorProto, external_data_helper, numpy_helper
 
 from ..runtime.model import Transformer
 from . import onnx_ops
-from .config import EngineSpec, BuildConfig, profile_dims
+from ..runtime.artifacts import EngineSpec, BuildConfig, profile_dims
 from .graphs import TORCH_DTYPES, StepGraph, example_inputs, io_spec, routed_ops
 
 WEIGHTS_FILE = "weights.bin"

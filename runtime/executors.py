@@ -79,7 +79,7 @@ class OrtExecutor:
     """
 
     def __init__(self, engine_dir: str | Path, providers: list[str] | None = None):
-        from ..build.config import EngineError, EngineSpec
+        from .artifacts import EngineError, EngineSpec
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -216,7 +216,7 @@ def args_from_dir(model_dir: str | Path) -> ModelArgs:
 
 def engine_model_dir(engine_dir: str | Path) -> Path | None:
     """The checkpoint files (config, tokenizer) `esdllm build` copied into the artifacts, if any."""
-    from ..build.config import EngineSpec
+    from .artifacts import EngineSpec
     spec = EngineSpec.read(engine_dir)
     return spec.root / spec.hf_dir if spec.hf_dir and (spec.root / spec.hf_dir).is_dir() else None
 

@@ -54,7 +54,7 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
     prompt limits and the default block length unless a flag overrides them."""
     build, hf_dir = None, None
     if artifacts is not None:
-        from ..build.config import EngineSpec
+        from .artifacts import EngineSpec
         spec = EngineSpec.read(artifacts)
         build = spec.build
         hf_dir = spec.root / spec.hf_dir if spec.hf_dir else None  # tokenizer + config copied by the build

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..build.config import EngineError, EngineSpec
+from .artifacts import EngineError, EngineSpec
 from .executors import effective_keep
 from .model import Cache, StepPlan
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from esdllm.build.config import BuildConfig, EngineError, EngineSpec, ProfileError, profile_dims
+from esdllm.runtime.artifacts import BuildConfig, EngineError, EngineSpec, ProfileError, profile_dims
 from esdllm.runtime.model import StepPlan
 
 SMALL = dict(max_batch=2, max_prompt=16, gen_length=8, block_length=8)

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 import onnxruntime as ort  # noqa: E402
 
 from esdllm.build import onnx_ops  # noqa: E402
-from esdllm.build.config import BuildConfig  # noqa: E402
+from esdllm.runtime.artifacts import BuildConfig  # noqa: E402
 from esdllm.build.export_onnx import WEIGHTS_FILE, export_artifacts  # noqa: E402
 from esdllm.plugins import ops  # noqa: E402
 from esdllm.runtime.config import DecodeConfig  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto as T
 
 from esdllm.build import engine, onnx_ops
-from esdllm.build.config import BuildConfig, profile_dims
+from esdllm.runtime.artifacts import BuildConfig, profile_dims
 from esdllm.plugins import ops, trt_plugins as tp
 from esdllm.runtime.config import DecodeConfig, ModelArgs
 from esdllm.runtime.executors import TorchExecutor

@@ -56,7 +56,7 @@ def choose_executor(requested: str, artifacts: str | None, device: str) -> str:
     if requested != "auto":
         return requested
     if artifacts:
-        from esdllm.build.config import EngineSpec
+        from esdllm.runtime.artifacts import EngineSpec
         spec = EngineSpec.read(artifacts)
         if spec.engines and device.startswith("cuda") and importlib.util.find_spec("tensorrt"):
             return "tensorrt"

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.config import DecodeConfig, ModelArgs
+from .config import DecodeConfig, ModelArgs
 
 ENGINE_JSON = "engine.json"
 FORMAT, FORMAT_VERSION = "esdllm-engine", 1
