@@ -113,23 +113,30 @@ def test_select_rules_on_hand_made_confidences():
 
 
 def test_es_keep_count_and_leftmost_kept(model):
-    cfg = DecodeConfig(method="es-dllm", gen_length=32, block_length=16, skip_proportions=(1.0, 0.25),
-                       skip_positions=(0.0, 0.5), block_update_freq=64, delay_eos=False)
+    # two tokens a step, so the floor min(n_last + 2, block) is 4 on every skipping step
+    cfg = DecodeConfig(method="es-dllm", gen_length=32, block_length=16, steps=16,
+                       skip_proportions=(1.0, 0.25), skip_positions=(0.0, 0.5), block_update_freq=64,
+                       delay_eos=False)
     spy = Spy(model)
     generate(spy, PROMPTS[:2], cfg)
-    sh, pruned = model.args.logits_shift, 0
+    trash, mask, pruned = 5 + 32, model.args.mask_id, 0
+    prev = None
     for tokens, idx, plan, pred in spy.calls:
-        if not plan.keep:
-            continue
-        pruned += 1
-        for layer, k in plan.keep.items():
-            assert bool((plan.keep_rows[layer] >= 2).all())  # n_last + 2 with n_last >= 0
-        # the leftmost masked block position is always predicted by a kept row
-        trash = 5 + 32
-        x_rows = {r: t for r, t in zip(idx[0].tolist(), tokens[0].tolist()) if r != trash}
-        e = max(x_rows) + 1  # every step's rows end at the block end
-        leftmost = min(r for r, t in x_rows.items() if t == model.args.mask_id and r >= e - 16)
-        assert leftmost in pred[0].tolist()
+        rows = [dict((r, t) for r, t in zip(idx[b].tolist(), tokens[b].tolist()) if r != trash) for b in range(2)]
+        if plan.keep:
+            pruned += 1
+            for b in range(2):  # tokens committed since the previous step, seen in both forwards
+                if not rows[b]:  # this row's block is done: it idles on the trash slot (k = 0)
+                    assert all(plan.keep_rows[layer][b].item() == 0 for layer in plan.keep)
+                    continue
+                n_last = sum(1 for r, t in rows[b].items() if t != mask and prev[b].get(r) == mask)
+                for layer in plan.keep:
+                    assert plan.keep_rows[layer][b].item() >= min(n_last + 2, 16) >= 2
+            # the leftmost masked block position is always predicted by a kept row
+            e = max(rows[0]) + 1  # every step's rows end at the block end
+            leftmost = min(r for r, t in rows[0].items() if t == mask and r >= e - 16)
+            assert leftmost in pred[0].tolist()
+        prev = rows
     assert pruned > 0
 
 
