@@ -48,7 +48,11 @@ def _step_rows(plan, n: int, n_layers: int) -> float:
 @torch.inference_mode()
 def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids: set[int] | None = None,
              on_block: Callable[[BlockEvent], None] | None = None, progress: bool = False) -> GenerateOutput:
-    """Decode `cfg.gen_length` tokens after each prompt. prompts: token id lists (any lengths)."""
+    """Decode `cfg.gen_length` tokens after each prompt. prompts: token id lists (any lengths).
+
+    on_block(event) runs after each block; if it returns row indices, those rows stop decoding
+    (their slots go to the trash row; the other rows' tokens are unaffected).
+    """
     args = executor.args
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -128,8 +132,10 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
             if bool(newly.any()):
                 x[newly, e:] = args.eos_id
                 done |= newly
-        if on_block is not None:
-            on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), bool(done.all()) or blk == n_blocks - 1))
+        if on_block is not None:  # it may return rows to stop (a client went away): they idle from now on
+            stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), bool(done.all()) or blk == n_blocks - 1))
+            if stop:
+                done[list(stop)] = True
         if bool(done.all()):
             break
     if bar is not None:

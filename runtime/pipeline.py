@@ -86,7 +86,7 @@ class Pipeline:
             def hook(ev: BlockEvent):
                 rows = [[t for t in r if t != self.args.mask_id] for r in ev.canvas.tolist()]
                 dec = [self.decode(r) for r in rows]
-                on_block(StreamEvent(ev.block, ev.n_blocks, [d[0] for d in dec], [d[1] for d in dec], ev.done))
+                return on_block(StreamEvent(ev.block, ev.n_blocks, [d[0] for d in dec], [d[1] for d in dec], ev.done))
         out = generate(self.executor, ids, cfg, stop_ids=self.stop, on_block=hook, progress=progress)
         comps = [Completion(*self.decode(r)) for r in out.tokens.tolist()]
         return GenerateResult(comps, out.stats)

@@ -163,3 +163,17 @@ def test_bad_config_names_the_field():
         DecodeConfig(method="fast")
     with pytest.raises(ValueError, match="threshold"):
         DecodeConfig(threshold=0.9, factor=1.0)
+
+
+def test_on_block_can_stop_a_row_without_touching_the_others(model):
+    cfg = DecodeConfig(method="es-dllm", gen_length=24, block_length=8)
+    seen = []
+
+    def stop_first(ev):
+        seen.append(ev.block)
+        return [0] if ev.block == 0 else None
+
+    out = generate(model, PROMPTS[:2], cfg, on_block=stop_first)
+    assert seen == [0, 1, 2]
+    assert bool((out.tokens[0, 8:] == model.args.mask_id).all())  # row 0 stopped after its first block
+    assert torch.equal(out.tokens[1], run(model, cfg, PROMPTS[1:2])[0])

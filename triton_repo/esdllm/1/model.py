@@ -77,6 +77,7 @@ class TritonPythonModel:
                 pb_utils.Logger.log_info(f"esdllm: every client of a batch of {len(group)} went away; "
                                          f"stopped after block {ev.block + 1} of {ev.n_blocks}")
                 raise _AllCancelled()
+            return [i for i, g in enumerate(gone) if g]  # departed clients' rows stop decoding
 
         try:
             res = self.pipe.generate([req.prompt_ids for req, _ in group], cfg, on_block=on_block)
