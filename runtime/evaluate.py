@@ -1,0 +1,195 @@
+"""`esdllm eval`: decoding methods side by side on held-out problems of the synthetic task.
+
+    esdllm eval --model models/llada-tiny --methods vanilla,fast-dllm,es-dllm --n 200
+
+Per method: exact-match accuracy (overall and per task op), token agreement with vanilla, NFE per
+generate call, tokens per forward and tokens/s. Problems come from the task's held-out split
+(runtime/task.py: disjoint from anything training can draw) at a seed training never used.
+Methods run interleaved batch by batch after one warm-up call each, so their speeds share the
+machine's conditions. Prints a table, writes a PNG of accuracy against tokens/s, and ends with
+one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import task
+from .config import DecodeConfig
+
+EVAL_SEED = 1234  # training draws split "train" with its own seed; this seed is for held-out only
+# The issue's settings: Fast-dLLM dual cache + threshold 0.9; ES-dLLM paper defaults + threshold 0.9.
+METHOD_PRESETS = {
+    "vanilla": dict(method="vanilla"),
+    "fast-dllm": dict(method="fast-dllm", cache="dual", threshold=0.9),
+    "fast-dllm-prefix": dict(method="fast-dllm", cache="prefix", threshold=0.9),
+    "es-dllm": dict(method="es-dllm", threshold=0.9),
+    "es-dllm-1tok": dict(method="es-dllm"),
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    methods: tuple[str, ...] = ("vanilla", "fast-dllm", "es-dllm")
+    n: int = 200
+    seed: int = EVAL_SEED
+    gen_length: int = 64
+    block_length: int = 32
+    steps: int | None = None           # None: gen_length (one token a step without a threshold)
+    threshold: float = 0.9             # for the methods whose preset uses one
+    batch_size: int = 16
+    chat: bool = False
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHOD_PRESETS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown method {bad[0] if bad else '(none)'!r}; expected some of {tuple(METHOD_PRESETS)}")
+        if self.n <= 0 or self.batch_size <= 0:
+            raise ValueError(f"n and batch_size must be positive, got {self.n}, {self.batch_size}")
+
+    def decode_configs(self) -> dict[str, DecodeConfig]:
+        base = DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps)
+        out = {}
+        for m in self.methods:
+            kw = dict(METHOD_PRESETS[m])
+            if "threshold" in kw:
+                kw["threshold"] = self.threshold
+            out[m] = base.replace(**kw)
+        return out
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two completions (ids before their stop token) hold the same id."""
+    n = max(len(a), len(b))
+    if n == 0:
+        return 1.0
+    return sum(x == y for x, y in zip(a, b)) / n
+
+
+def evaluate(pipe, cfg: EvalConfig, progress: bool = False) -> dict:
+    """Run every method of cfg on cfg.n held-out problems with `pipe` (a runtime Pipeline)."""
+    probs = task.problems(cfg.seed, cfg.n, split="heldout")
+    dcfgs = cfg.decode_configs()
+    batches = [probs[i: i + cfg.batch_size] for i in range(0, len(probs), cfg.batch_size)]
+    for m, dc in dcfgs.items():  # warm-up: first calls pay for allocation and lazy init
+        pipe.generate([probs[0].prompt], dc, chat=cfg.chat)
+    acc = {m: dict(hits=[], ids=[], nfe=0, tokens=0, seconds=0.0, calls=0) for m in dcfgs}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(batches) * len(dcfgs), desc="eval", unit="call", file=sys.stderr)
+    for batch in batches:
+        for m, dc in dcfgs.items():  # interleaved: every method sees the same machine state
+            res = pipe.generate([p.prompt for p in batch], dc, chat=cfg.chat)
+            r = acc[m]
+            r["hits"] += [task.check(c.text, p) for c, p in zip(res.completions, batch)]
+            r["ids"] += [c.token_ids for c in res.completions]
+            r["nfe"] += res.stats.nfe
+            r["tokens"] += res.stats.generated_tokens
+            r["seconds"] += res.stats.seconds
+            r["calls"] += 1
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    ref = acc["vanilla"]["ids"] if "vanilla" in acc else None
+    methods = {}
+    for m, r in acc.items():
+        per_op = {op: [h for h, p in zip(r["hits"], probs) if p.op == op] for op in task.OPS}
+        methods[m] = {
+            "accuracy": round(sum(r["hits"]) / len(probs), 4),
+            "per_op": {op: round(sum(h) / len(h), 4) for op, h in per_op.items() if h},
+            "token_agreement": (round(sum(_agreement(a, b) for a, b in zip(r["ids"], ref)) / len(probs), 4)
+                                if ref is not None else None),
+            "nfe": round(r["nfe"] / r["calls"], 2),
+            "tokens_per_forward": round(r["tokens"] / max(r["nfe"], 1), 3),
+            "tokens_per_second": round(r["tokens"] / r["seconds"], 2) if r["seconds"] > 0 else 0.0,
+            "seconds": round(r["seconds"], 3),
+            "config": dcfgs[m].to_dict(),
+        }
+    return {"model": str(pipe.model_dir), "family": pipe.args.family, "n": len(probs), "seed": cfg.seed,
+            "split": "heldout", "gen_length": cfg.gen_length, "block_length": cfg.block_length,
+            "batch_size": cfg.batch_size, "chat": cfg.chat, "dtype": str(pipe.executor.dtype).removeprefix("torch."),
+            "device": str(pipe.executor.device), "methods": methods}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'method':<18}{'accuracy':>9}{'agree':>8}{'NFE':>8}{'tok/fwd':>9}{'tok/s':>10}  per op"
+    lines = [f"{result['model']} ({result['family']}): {result['n']} held-out problems, seed {result['seed']}, "
+             f"gen {result['gen_length']}, block {result['block_length']}, batch {result['batch_size']}, "
+             f"{result['dtype']} on {result['device']}", head, "-" * len(head)]
+    for m, r in result["methods"].items():
+        agree = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
+        ops = " ".join(f"{op}={v:.2f}" for op, v in r["per_op"].items())
+        lines.append(f"{m:<18}{r['accuracy']:>9.3f}{agree:>8}{r['nfe']:>8.1f}{r['tokens_per_forward']:>9.2f}"
+                     f"{r['tokens_per_second']:>10.1f}  {ops}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """PNG scatter of accuracy against tokens/s, one labelled point per method."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    markers = "osD^vP*X"
+    for i, (m, r) in enumerate(result["methods"].items()):
+        ax.scatter(r["tokens_per_second"], r["accuracy"], s=70, marker=markers[i % len(markers)],
+                   label=f"{m} (NFE {r['nfe']:.0f})", alpha=0.85)
+    ax.set_xlabel("tokens / s")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(f"{Path(result['model']).name}: {result['n']} held-out problems, gen {result['gen_length']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _run(ns) -> int:
+    from .pipeline import Pipeline
+
+    cfg = EvalConfig(methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), n=ns.n,
+                     seed=ns.seed, gen_length=ns.gen_length, block_length=ns.block_length, steps=ns.steps,
+                     threshold=ns.threshold, batch_size=ns.batch_size, chat=ns.chat)
+    pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine)
+    t0 = time.perf_counter()
+    result = evaluate(pipe, cfg, progress=sys.stderr.isatty() and not ns.json)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    if ns.plot:
+        result["plot"] = str(plot(result, ns.plot))
+    if not ns.json:
+        print(format_table(result))
+        if ns.plot:
+            print(f"plot: {result['plot']}")
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def register(subparsers) -> None:
+    from .cli import add_model_args
+
+    d = EvalConfig()
+    p = subparsers.add_parser("eval", help="accuracy, agreement, NFE and tokens/s of methods on held-out task problems")
+    add_model_args(p)
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {','.join(METHOD_PRESETS)}")
+    p.add_argument("--n", type=int, default=d.n, help="number of held-out problems")
+    p.add_argument("--seed", type=int, default=d.seed, help="held-out problem stream")
+    p.add_argument("--gen-length", type=int, default=d.gen_length)
+    p.add_argument("--block-length", type=int, default=d.block_length)
+    p.add_argument("--steps", type=int, default=None, help="default: gen length")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold of fast-dllm / es-dllm")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the checkpoint's chat template")
+    p.add_argument("--plot", default="esdllm-eval.png", help="PNG path for accuracy vs tokens/s ('' to skip)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=_run)

@@ -1,0 +1,286 @@
+"""Train esdllm's embedded default model (LLaDA or Dream architecture) on the synthetic task.
+
+    python scripts/train_tiny.py --family llada --out models/llada-tiny
+
+Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
+(stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
+and take the cross-entropy on masked tokens weighted 1 / p, normalised by the response length.
+The prompt is never masked. The response region is the answer, the end-of-turn token when the
+prompt was chat-templated, then EOS padding to the region length, as in LLaDA's SFT data. Dream's
+shifted prediction needs nothing extra: `Transformer.forward` already returns logits[:, p]
+predicting token p from hidden state p - 1.
+
+Deterministic: the batch and the noise of step s are functions of (seed, s) only, so a resumed
+run (state in OUT/train_state.pt, written every --ckpt-every steps) matches an uninterrupted
+one. The result is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)
+that esdllm.runtime.weights.load_model reads like an 8B one, plus train_info.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from esdllm.runtime import task
+from esdllm.runtime.config import ModelArgs
+from esdllm.runtime.model import Transformer
+from esdllm.runtime.tokenizer import SpecialIds, build_tokenizer, encode_prompt, load_tokenizer
+from esdllm.runtime.weights import save_model
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    family: str
+    out: str
+    seed: int = 0
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.05
+    weight_decay: float = 0.01
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None          # None: n_heads (LLaDA, MHA), n_heads // 2 (Dream, GQA)
+    intermediate: int = 384
+    # 10000, not the 8B checkpoints' 5e5 / 1e6: with head_dim 32 a huge base leaves only 2-3 rotary
+    # frequencies that resolve distances under 100, and the task is all about exact positions
+    rope_theta: float = 10000.0
+    chat_frac: float = 0.4                 # share of batches rendered with the chat template
+    # response region per step, drawn uniformly: mostly the eval length, sometimes longer so the
+    # EOS padding generalises to the serving default (gen_length 128)
+    gen_lengths: tuple[int, ...] = (64, 64, 64, 64, 64, 64, 96, 128)
+    mask_eps: float = 1e-3
+    ckpt_every: int = 100
+    val_every: int = 500
+    val_n: int = 48
+    dtype: str = "float32"                 # dtype of the saved checkpoint
+    threads: int = 2
+
+    def kv_heads(self) -> int:
+        if self.n_kv_heads is not None:
+            return self.n_kv_heads
+        return self.n_heads if self.family == "llada" else max(1, self.n_heads // 2)
+
+
+def model_args(cfg: TrainConfig, ids: SpecialIds) -> ModelArgs:
+    """A tiny shape with the family's own quirks (rope theta, eps, biases, logit shift, GQA)."""
+    llada = cfg.family == "llada"
+    return ModelArgs(
+        family=cfg.family, vocab_size=64 * math.ceil(ids.n_tokens / 64), dim=cfg.dim,
+        n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads(),
+        intermediate_size=cfg.intermediate, rope_theta=cfg.rope_theta,
+        norm_eps=1e-5 if llada else 1e-6, qkv_bias=not llada, logits_shift=0 if llada else 1,
+        mask_id=ids.mask_id, eos_id=ids.eos_id, pad_id=ids.pad_id, eot_id=ids.eot_id,
+        bos_id=ids.bos_id, max_seq_len=4096, rope_full_precision=llada)
+
+
+def encode_batch(tok, problems: list[task.Problem], chat: list[bool], gen_length: int, args: ModelArgs
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded [prompt | response] ids.
+
+    Returns input_ids [B, P + gen_length], attention_mask [B, P + gen_length] (0 = left pad) and P,
+    the padded prompt length. The response is answer (+ end-of-turn if chat) + EOS to gen_length.
+    """
+    prompts = [encode_prompt(tok, p.prompt, chat=c) for p, c in zip(problems, chat)]
+    P = max(len(x) for x in prompts)
+    rows, masks = [], []
+    for p, c, ids in zip(problems, chat, prompts):
+        ans = tok(p.answer, add_special_tokens=False)["input_ids"] + ([args.eot_id] if c else [])
+        if len(ans) > gen_length:
+            raise ValueError(f"answer of {len(ans)} tokens does not fit gen_length {gen_length}: {p.answer!r}")
+        resp = ans + [args.eos_id] * (gen_length - len(ans))
+        pad = P - len(ids)
+        rows.append([args.pad_id] * pad + ids + resp)
+        masks.append([0] * pad + [1] * (len(ids) + gen_length))
+    return torch.tensor(rows), torch.tensor(masks), P
+
+
+def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int,
+                   gen: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+    """LLaDA SFT loss on the response region input_ids[:, P:] (see the module docstring)."""
+    B, L = input_ids.shape
+    R = L - P
+    t = (torch.arange(B, dtype=torch.float32) + torch.rand(B, generator=gen)) / B  # stratified in (0, 1)
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, R)
+    masked = torch.rand(B, R, generator=gen) < p_mask
+    noisy = input_ids.clone()
+    noisy[:, P:][masked] = model.args.mask_id
+    logits = model(noisy, attention_mask)[:, P:]
+    ce = F.cross_entropy(logits[masked].float(), input_ids[:, P:][masked], reduction="none")
+    return (ce / p_mask[masked]).sum() / (B * R)
+
+
+@torch.no_grad()
+def decode_low_confidence(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          gen_length: int = 64, block_length: int = 32) -> torch.Tensor:
+    """Greedy LLaDA-style decode, one token a step, lowest-confidence remasking, block by block.
+
+    input_ids, attention_mask: [B, P] left-padded prompts -> generated ids [B, gen_length]. Used to
+    watch held-out accuracy during training without the serving runtime.
+    """
+    B, P = input_ids.shape
+    mask_id = model.args.mask_id
+    x = torch.cat([input_ids, torch.full((B, gen_length), mask_id)], 1)
+    am = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], 1)
+    for b0 in range(0, gen_length, block_length):
+        for _ in range(block_length):
+            probs = model(x, am)[:, P:].float().softmax(-1)
+            conf, pred = probs.max(-1)
+            todo = x[:, P:] == mask_id
+            todo[:, :b0] = False
+            todo[:, b0 + block_length:] = False
+            conf = conf.masked_fill(~todo, -1.0)
+            j = conf.argmax(-1)
+            rows = torch.arange(B)
+            has = todo[rows, j]
+            x[rows[has], P + j[has]] = pred[rows[has], j[has]]
+    return x[:, P:]
+
+
+def validate(model: Transformer, tok, args: ModelArgs, seed: int, n: int) -> dict[str, float]:
+    """Held-out exact-match accuracy per op (plain prompts) with decode_low_confidence."""
+    probs = task.problems(seed, n, split="heldout")
+    ids, am, _ = encode_batch(tok, probs, [False] * n, 64, args)
+    P = ids.shape[1] - 64
+    model.eval()
+    out = decode_low_confidence(model, ids[:, :P], am[:, :P])
+    model.train()
+    stops = {args.eos_id, args.eot_id}
+    hits: dict[str, list[bool]] = {op: [] for op in task.OPS}
+    for p, row in zip(probs, out.tolist()):
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        hits[p.op].append(task.check(tok.decode(row[:cut], skip_special_tokens=True), p))
+    acc = {op: sum(h) / max(len(h), 1) for op, h in hits.items()}
+    acc["all"] = sum(sum(h) for h in hits.values()) / n
+    return acc
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def step_batch(cfg: TrainConfig, tok, args: ModelArgs, step: int):
+    """The batch of `step`: a pure function of (seed, step)."""
+    rng = random.Random(f"esdllm-train:{cfg.seed}:{step}")
+    gen_length = rng.choice(cfg.gen_lengths)
+    # one format per batch: mixing them would pad every plain prompt to the chat length
+    chat = [rng.random() < cfg.chat_frac] * cfg.batch
+    probs = task.problems(cfg.seed, cfg.batch, split="train", start=step * cfg.batch)
+    return encode_batch(tok, probs, chat, gen_length, args)
+
+
+def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | None:
+    """Train (or resume) into cfg.out; returns train_info (also written to OUT/train_info.json).
+
+    stop_after: leave after this step (checkpointed), as an interruption would; returns None.
+    """
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ids = build_tokenizer(cfg.family, out, alphabet=task.ALPHABET)
+    tok = load_tokenizer(out)
+    args = model_args(cfg, ids)
+    # PyTorch's default init (N(0, 1) embeddings, Kaiming-uniform linears): a GPT-style N(0, 0.02)
+    # init sat on the loss plateau of the copy tasks for hundreds of steps longer in our trials.
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    start, history = 0, []
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        if st["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{state_path} was written by a different configuration; delete it to start over")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, history = st["step"], st["history"]
+        log(f"resuming from step {start}")
+    model.train()
+    t0, ema = time.time(), None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.family}",
+               file=sys.stderr, mininterval=5.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        x, am, P = step_batch(cfg, tok, args, step)
+        noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        loss = diffusion_loss(model, x, am, P, noise, cfg.mask_eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(cfg, step):.2e}")
+        done = step + 1
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            acc = validate(model, tok, args, cfg.seed + 1, cfg.val_n)
+            history.append({"step": done, "loss": round(ema, 5), "val": {k: round(v, 4) for k, v in acc.items()},
+                            "elapsed_s": round(time.time() - t0, 1)})
+            log(json.dumps(history[-1]))
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                        "opt": opt.state_dict(), "step": done, "history": history}, tmp)
+            tmp.replace(state_path)  # atomic: an interrupted save never corrupts the resume point
+        if stop_after is not None and done >= stop_after and done < cfg.steps:
+            if done % cfg.ckpt_every:
+                raise ValueError(f"stop_after {stop_after} is not a checkpoint step (every {cfg.ckpt_every})")
+            bar.close()
+            return None
+    bar.close()
+    model.eval()
+    save_model(model, out, dtype=cfg.dtype)
+    info = {"config": dataclasses.asdict(cfg), "task_ops": list(task.OPS),
+            "params": sum(p.numel() for p in model.parameters()), "history": history}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", required=True, choices=("llada", "dream"))
+    p.add_argument("--out", required=True, help="checkpoint directory (created; resumes from its train_state.pt)")
+    d = TrainConfig(family="llada", out="")
+    for f in ("seed", "steps", "batch", "lr", "dim", "n_layers", "n_heads", "intermediate", "rope_theta",
+              "chat_frac", "val_every", "ckpt_every"):
+        p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
+    p.add_argument("--n-kv-heads", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="leave after this step (a multiple of --ckpt-every); rerun to resume")
+    a = vars(p.parse_args(argv))
+    keep, stop_after = a.pop("keep_state"), a.pop("stop_after")
+    cfg = TrainConfig(**a)
+    info = train(cfg, log=lambda s: tqdm.write(s, file=sys.stderr), stop_after=stop_after)
+    if info is None:
+        print(json.dumps({"out": cfg.out, "stopped_at": stop_after}))
+        return
+    if not keep:
+        (Path(cfg.out) / STATE_FILE).unlink(missing_ok=True)
+    last = info["history"][-1] if info["history"] else {}
+    print(json.dumps({"out": cfg.out, "params": info["params"], **last}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`esdllm eval` on the committed default model: the JSON it promises, and its configuration rules."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esdllm.runtime import evaluate as E
+from esdllm.runtime.config import DecodeConfig
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "llada-tiny"
+METHOD_KEYS = {"accuracy", "per_op", "token_agreement", "nfe", "tokens_per_forward", "tokens_per_second",
+               "seconds", "config"}
+
+
+def test_method_presets_follow_the_issue():
+    cfgs = E.EvalConfig(threshold=0.9).decode_configs()
+    assert cfgs["vanilla"] == DecodeConfig(method="vanilla", gen_length=64, block_length=32)
+    assert cfgs["fast-dllm"].cache == "dual" and cfgs["fast-dllm"].threshold == 0.9
+    es = cfgs["es-dllm"]
+    assert es.method == "es-dllm" and es.threshold == 0.9
+    assert es.skip_proportions == DecodeConfig().skip_proportions  # the paper defaults, untouched
+
+
+def test_bad_eval_config_names_the_problem():
+    with pytest.raises(ValueError, match="'greedy'"):
+        E.EvalConfig(methods=("vanilla", "greedy"))
+    with pytest.raises(ValueError, match="positive"):
+        E.EvalConfig(n=0)
+
+
+def test_agreement():
+    assert E._agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert E._agreement([1, 2, 3], [1, 9, 3]) == pytest.approx(2 / 3)
+    assert E._agreement([1, 2], [1, 2, 3, 4]) == 0.5   # missing positions disagree
+    assert E._agreement([], []) == 1.0
+
+
+@pytest.fixture(scope="module")
+def cli_result(tmp_path_factory):
+    if not (MODEL / "config.json").is_file():
+        pytest.skip(f"no committed default model at {MODEL}")
+    from esdllm.runtime.cli import main
+    import contextlib
+    import io
+
+    png = tmp_path_factory.mktemp("eval") / "eval.png"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["eval", "--model", str(MODEL), "--n", "8", "--batch-size", "8", "--json", "--plot", str(png)])
+    assert rc == 0
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    return json.loads(lines[0]), png
+
+
+def test_eval_cli_json_on_the_committed_model(cli_result):
+    res, png = cli_result
+    assert res["n"] == 8 and res["split"] == "heldout" and res["family"] == "llada"
+    assert set(res["methods"]) == {"vanilla", "fast-dllm", "es-dllm"}
+    for name, m in res["methods"].items():
+        assert METHOD_KEYS <= m.keys(), name
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["token_agreement"] <= 1.0
+        assert m["nfe"] > 0 and m["tokens_per_second"] > 0
+    assert res["methods"]["vanilla"]["token_agreement"] == 1.0
+    assert res["methods"]["vanilla"]["nfe"] == 64          # one token a step over gen length 64
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_lists_every_method(cli_result):
+    res, _ = cli_result
+    table = E.format_table(res)
+    for name in res["methods"]:
+        assert name in table

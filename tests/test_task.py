@@ -1,0 +1,134 @@
+"""The synthetic task (generator, splits, checker) and the tiny-model trainer (loss, determinism, resume)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from esdllm.runtime import task
+from esdllm.runtime.weights import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer():
+    """scripts/train_tiny.py as a module (scripts/ is not a package)."""
+    if "train_tiny" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["train_tiny"] = mod  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(mod)
+    return sys.modules["train_tiny"]
+
+
+# ---- task -------------------------------------------------------------------------------------
+
+def test_generator_is_deterministic_and_indexable():
+    a = task.problems(7, 24)
+    assert a == task.problems(7, 24)
+    assert task.problems(7, 10, start=14) == a[14:]
+    assert a != task.problems(8, 24)
+    assert [p.op for p in a[:8]] == list(task.OPS) * 2
+
+
+def test_splits_are_disjoint_by_construction():
+    train = task.problems(0, 200, split="train")
+    held = task.problems(0, 200, split="heldout")
+    assert not any(task.is_held_out(p.prompt) for p in train)
+    assert all(task.is_held_out(p.prompt) for p in held)
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    with pytest.raises(ValueError, match="split"):
+        task.problems(0, 1, split="test")
+
+
+def test_answers_are_correct_long_and_in_the_alphabet():
+    for p in task.problems(3, 400) + task.problems(3, 100, split="heldout"):
+        assert task.verify(p), p
+        assert 16 <= len(p.answer) <= 32, p
+        assert set(p.prompt + p.answer) <= set(task.ALPHABET), p
+
+
+def test_worked_examples():
+    assert task.verify(task.Problem("rot13", "rot13: abyz ->", "nolm"))
+    assert task.verify(task.Problem("atbash", "atbash: abyz ->", "zyba"))
+    assert task.verify(task.Problem("upper", "upper: abyz ->", "ABYZ"))
+    assert task.verify(task.Problem("double", "double: abc ->", "aabbcc"))
+    assert not task.verify(task.Problem("rot13", "rot13: abyz ->", "bcza"))
+    assert not task.verify(task.Problem("upper", "rot13: abyz ->", "nolm"))         # op mismatch
+    assert not task.verify(task.Problem("upper", "upper: abc", "ABC"))              # prompt lacks the terminator
+
+
+def test_checker_exact_match_modulo_whitespace():
+    p = task.Problem("atbash", "atbash: abcdefghijklmnop ->", "zyxwvutsrqponmlk")
+    assert task.check("zyxwvutsrqponmlk", p)
+    assert task.check("  zyxwvutsrqponmlk\n", p)
+    assert not task.check("zyxwvutsrqponml", p)       # one token short
+    assert not task.check("zyxwvutsrqponmlkk", p)     # one token long
+    assert not task.check("ZYXWVUTSRQPONMLK", p)      # case matters
+    assert not task.check("", p)
+    assert not task.check("zyxwvuts rqponmlk", p)     # an inner space is a token too
+
+
+def test_unknown_op_is_an_error():
+    import random
+    with pytest.raises(ValueError, match="mul"):
+        task.make_problem(random.Random(0), "mul")
+
+
+# ---- trainer ----------------------------------------------------------------------------------
+
+def _micro(tmp_path, **kw):
+    T = _trainer()
+    cfg = T.TrainConfig(family=kw.pop("family", "llada"), out=str(tmp_path), steps=kw.pop("steps", 6), batch=8,
+                        dim=32, n_layers=1, n_heads=2, intermediate=64, warmup=2, val_every=1000,
+                        ckpt_every=2, val_n=4, threads=1, gen_lengths=(64,), **kw)
+    return T, cfg
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_few_steps_decrease_the_loss(tmp_path, family):
+    T, cfg = _micro(tmp_path, family=family)
+    from esdllm.runtime.tokenizer import build_tokenizer, load_tokenizer
+    ids = build_tokenizer(family, tmp_path, alphabet=task.ALPHABET)
+    tok = load_tokenizer(tmp_path)
+    args = T.model_args(cfg, ids)
+    torch.manual_seed(0)
+    model = T.Transformer(args)
+    x, am, P = T.step_batch(cfg, tok, args, 0)
+    # only the response region is ever masked, and it ends in EOS padding
+    assert (x[:, P:][:, -1] == args.eos_id).all()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for i in range(10):
+        loss = T.diffusion_loss(model, x, am, P, torch.Generator().manual_seed(i % 3))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path):
+    T, full = _micro(tmp_path / "full", steps=4)
+    T.train(full, log=lambda s: None)
+    _, cut = _micro(tmp_path / "resumed", steps=4)
+    assert T.train(cut, log=lambda s: None, stop_after=2) is None  # an interruption after step 2
+    assert (tmp_path / "resumed" / T.STATE_FILE).is_file()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    T.train(cut, log=lambda s: None)
+    a = load_model(tmp_path / "full").state_dict()
+    b = load_model(tmp_path / "resumed").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    T, cfg = _micro(tmp_path, steps=2)
+    T.train(cfg, log=lambda s: None)
+    with pytest.raises(ValueError, match="different configuration"):
+        T.train(dataclasses.replace(cfg, lr=1e-4), log=lambda s: None)
