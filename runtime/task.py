@@ -100,9 +100,15 @@ def check(completion: str, problem: Problem) -> bool:
     return normalize(completion) == normalize(problem.answer)
 
 
+def solve(prompt: str) -> str | None:
+    """The answer to a prompt in the task's format ("op: letters ->"), or None if it is not one."""
+    op, sep, rest = prompt.strip().partition(": ")
+    s = rest[:-3] if rest.endswith(" ->") else ""
+    if not sep or op not in OPS or not s or any(c not in LETTERS for c in s):
+        return None
+    return _solve(op, s)
+
+
 def verify(problem: Problem) -> bool:
     """Recompute the answer from the prompt alone: the checker's ground truth is not trusted blindly."""
-    op, sep, rest = problem.prompt.partition(": ")
-    if not sep or op != problem.op or op not in OPS or not rest.endswith(" ->"):
-        return False
-    return _solve(op, rest[:-3]) == problem.answer
+    return problem.prompt.partition(": ")[0] == problem.op and solve(problem.prompt) == problem.answer

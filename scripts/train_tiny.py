@@ -1,6 +1,10 @@
 """Train esdllm's embedded default model (LLaDA or Dream architecture) on the synthetic task.
 
-    python scripts/train_tiny.py --family llada --out models/llada-tiny
+One run is one stage; `scripts/train_defaults` chains the stages that made the committed
+checkpoints (--init-from the previous stage, a fresh --seed, then --tail-mask), e.g.
+
+    python scripts/train_tiny.py --family llada --out models/llada-tiny --init-from STAGE2 \
+        --seed 2 --steps 2000 --lr 1e-3 --tail-mask 0.5
 
 Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
 (stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
@@ -35,7 +39,7 @@ from esdllm.runtime import task
 from esdllm.runtime.config import ModelArgs
 from esdllm.runtime.model import Transformer
 from esdllm.runtime.tokenizer import SpecialIds, build_tokenizer, encode_prompt, load_tokenizer
-from esdllm.runtime.weights import save_model
+from esdllm.runtime.weights import load_model, save_model
 
 STATE_FILE = "train_state.pt"
 
@@ -45,7 +49,7 @@ class TrainConfig:
     family: str
     out: str
     seed: int = 0
-    steps: int = 3000
+    steps: int = 3500
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -64,6 +68,11 @@ class TrainConfig:
     # EOS padding generalises to the serving default (gen_length 128)
     gen_lengths: tuple[int, ...] = (64, 64, 64, 64, 64, 64, 96, 128)
     mask_eps: float = 1e-3
+    # share of sequences whose whole post-answer tail (end-of-turn + EOS padding) is masked on top
+    # of the random mask: decoders that hold EOS back (ES-dLLM's delayed EOS) decode the answer
+    # with the tail still masked, a state the i.i.d. mask rarely shows
+    tail_mask: float = 0.0
+    init_from: str | None = None           # start from this checkpoint's weights (a second stage)
     ckpt_every: int = 100
     val_every: int = 500
     val_n: int = 48
@@ -110,18 +119,29 @@ def encode_batch(tok, problems: list[task.Problem], chat: list[bool], gen_length
 
 
 def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int,
-                   gen: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
-    """LLaDA SFT loss on the response region input_ids[:, P:] (see the module docstring)."""
+                   gen: torch.Generator, eps: float = 1e-3, tail_mask: float = 0.0) -> torch.Tensor:
+    """LLaDA SFT loss on the response region input_ids[:, P:] (see the module docstring).
+
+    tail_mask: share of rows whose end-of-turn / EOS tail is masked entirely (TrainConfig.tail_mask).
+    """
     B, L = input_ids.shape
     R = L - P
     t = (torch.arange(B, dtype=torch.float32) + torch.rand(B, generator=gen)) / B  # stratified in (0, 1)
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, R)
     masked = torch.rand(B, R, generator=gen) < p_mask
+    weight = 1.0 / p_mask
+    if tail_mask > 0:
+        resp = input_ids[:, P:]
+        tail = (resp == model.args.eos_id) | (resp == model.args.eot_id)
+        forced = tail & (torch.rand(B, 1, generator=gen) < tail_mask) & ~masked
+        masked = masked | forced
+        # forced tokens were not drawn by the t-process: weight 1, or a small t would blow them up
+        weight = torch.where(forced, 1.0, weight)
     noisy = input_ids.clone()
     noisy[:, P:][masked] = model.args.mask_id
     logits = model(noisy, attention_mask)[:, P:]
     ce = F.cross_entropy(logits[masked].float(), input_ids[:, P:][masked], reduction="none")
-    return (ce / p_mask[masked]).sum() / (B * R)
+    return (ce * weight[masked]).sum() / (B * R)
 
 
 @torch.no_grad()
@@ -200,6 +220,14 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     # init sat on the loss plateau of the copy tasks for hundreds of steps longer in our trials.
     torch.manual_seed(cfg.seed)
     model = Transformer(args)
+    prior = None
+    if cfg.init_from:
+        src = load_model(cfg.init_from)
+        if src.args != args:
+            raise ValueError(f"--init-from {cfg.init_from} has shape {src.args}, this run builds {args}")
+        model.load_state_dict(src.state_dict())
+        f = Path(cfg.init_from) / "train_info.json"
+        prior = json.loads(f.read_text()) if f.is_file() else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -208,7 +236,9 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     state_path = out / STATE_FILE
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
-        if st["config"] != dataclasses.asdict(cfg):
+        # the thread count changes speed, not results: a run may resume with more or fewer cores
+        same = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
+        if {k: v for k, v in st["config"].items() if k != "threads"} != same:
             raise ValueError(f"{state_path} was written by a different configuration; delete it to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
@@ -223,7 +253,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             g["lr"] = lr_at(cfg, step)
         x, am, P = step_batch(cfg, tok, args, step)
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        loss = diffusion_loss(model, x, am, P, noise, cfg.mask_eps)
+        loss = diffusion_loss(model, x, am, P, noise, cfg.mask_eps, cfg.tail_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -251,6 +281,8 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     save_model(model, out, dtype=cfg.dtype)
     info = {"config": dataclasses.asdict(cfg), "task_ops": list(task.OPS),
             "params": sum(p.numel() for p in model.parameters()), "history": history}
+    if prior is not None:
+        info["init_from"] = prior  # the stage this run continued
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -264,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
               "chat_frac", "val_every", "ckpt_every"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     p.add_argument("--n-kv-heads", type=int, default=None)
+    p.add_argument("--tail-mask", type=float, default=0.0)
+    p.add_argument("--init-from", default=None, help="checkpoint dir to start from (same shape)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")

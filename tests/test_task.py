@@ -83,9 +83,9 @@ def test_unknown_op_is_an_error():
 
 def _micro(tmp_path, **kw):
     T = _trainer()
-    cfg = T.TrainConfig(family=kw.pop("family", "llada"), out=str(tmp_path), steps=kw.pop("steps", 6), batch=8,
-                        dim=32, n_layers=1, n_heads=2, intermediate=64, warmup=2, val_every=1000,
-                        ckpt_every=2, val_n=4, threads=1, gen_lengths=(64,), **kw)
+    base = dict(family="llada", out=str(tmp_path), steps=6, batch=8, dim=32, n_layers=1, n_heads=2,
+                intermediate=64, warmup=2, val_every=1000, ckpt_every=2, val_n=4, threads=1, gen_lengths=(64,))
+    cfg = T.TrainConfig(**{**base, **kw})
     return T, cfg
 
 
@@ -132,3 +132,60 @@ def test_resume_refuses_a_different_config(tmp_path):
     T.train(cfg, log=lambda s: None)
     with pytest.raises(ValueError, match="different configuration"):
         T.train(dataclasses.replace(cfg, lr=1e-4), log=lambda s: None)
+
+
+def test_resume_accepts_another_thread_count(tmp_path):
+    T, cfg = _micro(tmp_path, steps=4)
+    assert T.train(cfg, log=lambda s: None, stop_after=2) is None
+    info = T.train(dataclasses.replace(cfg, threads=2), log=lambda s: None)
+    assert info is not None and (tmp_path / "model.safetensors").is_file()
+
+
+def _masked_input(T, cfg, tmp_path, tail_mask, seed=0):
+    """The noisy ids diffusion_loss feeds the model, and the clean batch they came from."""
+    from esdllm.runtime.tokenizer import build_tokenizer, load_tokenizer
+    ids = build_tokenizer(cfg.family, tmp_path, alphabet=task.ALPHABET)
+    tok = load_tokenizer(tmp_path)
+    args = T.model_args(cfg, ids)
+    torch.manual_seed(0)
+    model = T.Transformer(args)
+    x, am, P = T.step_batch(cfg, tok, args, 0)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    T.diffusion_loss(model, x, am, P, torch.Generator().manual_seed(seed), tail_mask=tail_mask)
+    return seen[0], x, P, args
+
+
+def test_tail_mask_hides_the_whole_eos_tail(tmp_path):
+    T, cfg = _micro(tmp_path)
+    noisy, x, P, args = _masked_input(T, cfg, tmp_path, tail_mask=1.0)
+    tail = x[:, P:] == args.eos_id
+    assert tail.any(1).all()
+    assert (noisy[:, P:][tail] == args.mask_id).all()            # every EOS is masked in every row
+    assert (noisy[:, :P] == x[:, :P]).all()                       # the prompt never is
+    answer = ~tail & (x[:, P:] != args.eot_id)
+    assert (noisy[:, P:][answer] != args.mask_id).any()           # answers still follow the t-process
+    plain, _, _, _ = _masked_input(T, cfg, tmp_path, tail_mask=0.0)
+    assert not (plain[:, P:][tail] == args.mask_id).all()
+
+
+def test_init_from_starts_at_the_given_weights_and_checks_the_shape(tmp_path):
+    T, first = _micro(tmp_path / "a", steps=2)
+    T.train(first, log=lambda s: None)
+    _, second = _micro(tmp_path / "b", steps=0, init_from=str(tmp_path / "a"))
+    info = T.train(second, log=lambda s: None)
+    a = load_model(tmp_path / "a").state_dict()
+    b = load_model(tmp_path / "b").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert info["init_from"]["config"]["out"] == str(tmp_path / "a")   # provenance of the first stage
+    _, wider = _micro(tmp_path / "c", steps=1, init_from=str(tmp_path / "a"), dim=64)
+    with pytest.raises(ValueError, match="--init-from"):
+        T.train(wider, log=lambda s: None)
+
+
+def test_solve_answers_task_prompts_and_rejects_others():
+    assert task.solve("rot13: qwertyuiopasdfgh ->") == "djreglhvbcnfqstu"
+    assert task.solve("double: abc ->") == "aabbcc"
+    for bad in ("rot13: qwerty", "reverse: abc ->", "upper: ABC ->", "upper:  ->", "hello"):
+        assert task.solve(bad) is None, bad
