@@ -1,12 +1,13 @@
-"""`esdllm bench`: methods side by side in one process, interleaved after a warm-up, on a preset.
+"""`esdllm bench`: methods side by side in one process, interleaved after a warm-up.
 
-Presets build random-weight models at a given shape (speed does not depend on the weights):
-  tiny      CI-sized smoke run
-  cpu       LLaDA-shaped, large enough that compute dominates on 2 cores (full forward >= 100 ms)
-  llada-8b  / dream-7b: the real shapes in bfloat16 (GPU)
-Random weights never reach the 0.9 threshold, so threshold rows equal one token a step there;
-see `esdllm eval` on the trained default model for parallel decoding that fires.
-Prints a table, then one JSON line.
+Two sources of a model:
+  --model DIR   a checkpoint (default: the embedded models/llada-tiny) on held-out task prompts,
+                with EOS semantics: tokens count up to each row's first stop token
+  --preset P    random weights at a given shape (speed does not depend on the weights):
+                tiny (CI-sized), cpu (LLaDA-shaped, full forward >= 100 ms on 2 cores),
+                llada-8b / dream-7b (the real shapes in bfloat16, GPU)
+Random weights never reach the 0.9 threshold, so threshold rows equal one token a step there, and
+every generated token counts. Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -63,16 +64,37 @@ HBM_GBPS = {"H100": 3350, "H200": 4800}
 
 def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: int | None = None,
               progress: bool = True) -> dict:
+    """Random weights at the preset's shape; every generated token counts (no EOS semantics)."""
     torch.manual_seed(0)
     dt = getattr(torch, preset.dtype)
     with torch.device(device):
         model = Transformer(preset.args).to(dt).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, preset.args.vocab_size - 8, (preset.batch, preset.prompt), generator=g).tolist()
-    base = DecodeConfig(gen_length=preset.gen, block_length=preset.block,
-                        prompt_update_freq=max(64, preset.block), block_update_freq=16)
+    out = _run(model, prompts, preset.gen, preset.block, methods, device, rounds or preset.rounds, progress,
+               stop_ids=set())
+    out.update(prompt=preset.prompt, dtype=preset.dtype)
+    return out
+
+
+def run_bench_checkpoint(model_dir, methods: list[str], device: str = "cpu", dtype: str | None = None,
+                         batch: int = 8, gen: int = 64, block: int = 32, rounds: int = 2, seed: int = 1234,
+                         progress: bool = True) -> dict:
+    """A checkpoint on `batch` held-out task prompts; tokens count up to each row's first stop token."""
+    from . import task
+    from .pipeline import Pipeline
+    pipe = Pipeline.load(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    prompts = [pipe.encode(p.prompt, gen_length=gen) for p in task.problems(seed, batch, split="heldout")]
+    out = _run(pipe.executor.model, prompts, gen, block, methods, device, rounds, progress, stop_ids=pipe.stop)
+    out.update(model=str(pipe.model_dir), prompt=max(len(p) for p in prompts),
+               dtype=str(pipe.executor.dtype).removeprefix("torch."))
+    return out
+
+
+def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, methods: list[str], device: str,
+         rounds: int, progress: bool, stop_ids: set[int]) -> dict:
+    base = DecodeConfig(gen_length=gen, block_length=block, prompt_update_freq=max(64, block), block_update_freq=16)
     cfgs = {m: base.replace(**METHODS[m]) for m in methods}
-    rounds = rounds or preset.rounds
     res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0) for m in methods}
     total = len(methods) * (rounds + 1)
     bar = _bar(progress, total)
@@ -83,8 +105,8 @@ def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: i
         for m in methods:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            cfg = cfgs[m] if r > 0 else cfgs[m].replace(gen_length=preset.block)  # warm-up: one block
-            out = generate(model, prompts, cfg, stop_ids=set())  # random weights: no EOS semantics
+            cfg = cfgs[m] if r > 0 else cfgs[m].replace(gen_length=block)  # warm-up: one block
+            out = generate(model, prompts, cfg, stop_ids=stop_ids)
             if device.startswith("cuda"):
                 peak[m] = torch.cuda.max_memory_allocated() / 2**30
             if r > 0:
@@ -105,8 +127,7 @@ def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: i
                     "ms_per_forward": round(1000 * v["seconds"] / max(v["nfe"], 1), 3)}
         if m in peak:
             table[m]["peak_gib"] = round(peak[m], 3)
-    out = {"preset": None, "batch": preset.batch, "prompt": preset.prompt, "gen": preset.gen,
-           "block": preset.block, "dtype": preset.dtype, "device": _device_name(device),
+    out = {"preset": None, "batch": len(prompts), "gen": gen, "block": block, "device": _device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": table, "speedup": {}}
     for ref in ("vanilla", "fast-dllm-dual"):
         if ref in table:
@@ -135,7 +156,8 @@ def _bar(progress, total):
 
 
 def print_table(out: dict) -> None:
-    print(f"preset {out['preset']}: batch {out['batch']}, prompt {out['prompt']}, gen {out['gen']}, "
+    src = f"model {out['model']}" if out.get("model") else f"preset {out['preset']}"
+    print(f"{src}: batch {out['batch']}, prompt {out['prompt']}, gen {out['gen']}, "
           f"block {out['block']}, {out['dtype']}, {out['device']}, torch {out['torch']}")
     print(f"{'method':<22}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}")
     for m, v in out["methods"].items():
@@ -146,29 +168,43 @@ def print_table(out: dict) -> None:
 
 
 def _cmd(ns) -> int:
-    preset = PRESETS[ns.preset]
-    if ns.batch or ns.prompt_length:
-        preset = dataclasses.replace(preset, batch=ns.batch or preset.batch, prompt=ns.prompt_length or preset.prompt)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     methods = ns.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown bench method(s) {unknown}; expected some of {list(METHODS)}")
-    out = run_bench(preset, methods, ns.device, ns.rounds, progress=sys.stderr.isatty())
-    out["preset"] = ns.preset
+    if ns.preset and ns.model:
+        raise ValueError("pass --preset (random weights at a shape) or --model (a checkpoint), not both")
+    if ns.preset:
+        preset = PRESETS[ns.preset]
+        preset = dataclasses.replace(preset, batch=ns.batch or preset.batch, prompt=ns.prompt_length or preset.prompt,
+                                     gen=ns.gen_length or preset.gen, block=ns.block_length or preset.block)
+        out = run_bench(preset, methods, ns.device, ns.rounds, progress=sys.stderr.isatty())
+        out["preset"] = ns.preset
+    else:
+        if ns.prompt_length:
+            raise ValueError("--prompt-length applies to --preset runs; a checkpoint is fed task prompts")
+        from .pipeline import default_model
+        out = run_bench_checkpoint(ns.model or default_model(), methods, ns.device, ns.dtype, batch=ns.batch or 8,
+                                   gen=ns.gen_length or 64, block=ns.block_length or 32, rounds=ns.rounds or 2,
+                                   progress=sys.stderr.isatty())
     print_table(out)
     print(json.dumps(out))
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="methods side by side on a preset (table + JSON line)")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p = sub.add_parser("bench", help="methods side by side on a checkpoint or a preset shape (table + JSON line)")
+    p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="random weights at this shape instead")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="with --model")
     p.add_argument("--methods", default=",".join(m for m in METHODS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--prompt-length", type=int, default=None)
+    p.add_argument("--prompt-length", type=int, default=None, help="with --preset")
+    p.add_argument("--gen-length", type=int, default=None)
+    p.add_argument("--block-length", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd)

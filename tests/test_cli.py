@@ -45,3 +45,24 @@ def test_bench_tiny_reports_methods_and_compute():
     assert rows["es-dllm"] < rows["fast-dllm-dual"] < rows["vanilla"]
     assert {"es-dllm/vanilla", "es-dllm/fast-dllm-dual"} <= set(out["speedup"])
     json.dumps(out)
+
+
+def test_bench_defaults_to_the_committed_model_with_eos_semantics(capsys):
+    from esdllm.runtime.pipeline import DEFAULT_MODEL
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip(f"no committed default model at {DEFAULT_MODEL}")
+    rc = cli.main(["bench", "--methods", "vanilla,es-dllm-t0.9", "--batch", "2", "--gen-length", "64",
+                   "--block-length", "32", "--rounds", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["model"] == str(DEFAULT_MODEL) and out["batch"] == 2 and out["preset"] is None
+    m = out["methods"]
+    # answers are 16-32 tokens: counting stops at EOS, so far fewer than 2 x 64 tokens count
+    tokens = m["vanilla"]["tokens_per_forward"] * m["vanilla"]["nfe"]
+    assert 2 * 16 <= tokens <= 2 * 32
+    assert m["es-dllm-t0.9"]["nfe"] < m["vanilla"]["nfe"] == 64   # parallel decoding fires on a trained model
+
+
+def test_bench_rejects_preset_with_model(capsys):
+    rc = cli.main(["bench", "--preset", "tiny", "--model", "models/llada-tiny"])
+    assert rc == 2 and "not both" in capsys.readouterr().err
