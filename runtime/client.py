@@ -2,8 +2,8 @@
 
 request        one prompt over a gRPC stream (the model is decoupled, so always a stream):
                text, stats, the streamed deltas, or the server's error
-bench_serve    N requests from C concurrent clients: throughput, p50/p99 latency, errors, and
-               whether every response equals the same request served alone
+bench_serve    N requests from C concurrent clients: throughput, p50/p99 latency, errors, whether
+               every response equals the same request served alone, and exact match on task prompts
 register       adds `esdllm client` and `esdllm bench-serve` to the CLI
 tritonclient is imported inside these functions only, so the runtime imports without it.
 """
@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import task
 
 MODEL_NAME = "esdllm"
 # input -> Triton dtype (config.pbtxt); everything but text_input is optional
@@ -97,16 +99,9 @@ def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, ti
     return reply
 
 
-BENCH_PROMPTS = (
-    "Hi",
-    "The quick brown fox",
-    "Question: what is 12 + 30? Answer:",
-    "def add(a, b):",
-    "Diffusion language models denoise a canvas of masked tokens in parallel, one block at a time, and",
-    "User: hello! Assistant:",
-    "Once upon a time, in a land far away, there lived a",
-    "1, 2, 3, 4,",
-)
+# held-out problems of the synthetic task (two of each op, 8 to 32 letters each): the
+# embedded default model answers them, so a load test also checks the answers
+BENCH_PROMPTS = tuple(p.prompt for p in task.problems(4321, 8, split="heldout"))
 
 
 def _percentile(xs: list[float], p: float) -> float:
@@ -145,9 +140,12 @@ def bench_serve(url: str, concurrency: int, n_requests: int, knobs: dict, prompt
     ok = [(r, p) for r, p in zip(results, jobs) if r.error is None]
     lat = [r.seconds for r, _ in ok]
     tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
+    graded = [(r, task.solve(p)) for r, p in ok if task.solve(p) is not None]
     return {"concurrency": concurrency, "requests": n_requests, "errors": n_requests - len(ok),
             "mismatches": sum(r.text != alone[p].text for r, p in ok),
             "identical_to_alone": len(ok) == n_requests and all(r.text == alone[p].text for r, p in ok),
+            "exact_match": round(sum(task.normalize(r.text) == a for r, a in graded) / len(graded), 4)
+            if graded else None,
             "wall_seconds": round(wall, 4), "requests_per_second": round(len(ok) / wall, 3),
             "tokens_per_second": round(tokens / wall, 3), "p50_latency_s": round(_percentile(lat, 50), 4),
             "p99_latency_s": round(_percentile(lat, 99), 4),
@@ -189,6 +187,7 @@ def _bench(ns) -> int:
                     model=ns.model_name, timeout=ns.timeout)
     rows = [("concurrency", r["concurrency"]), ("requests", r["requests"]), ("errors", r["errors"]),
             ("mismatches vs alone", r["mismatches"]), ("identical to alone", r["identical_to_alone"]),
+            ("exact match (task)", r["exact_match"]),
             ("requests/s", r["requests_per_second"]), ("tokens/s", r["tokens_per_second"]),
             ("p50 latency (s)", r["p50_latency_s"]), ("p99 latency (s)", r["p99_latency_s"]),
             ("largest batch seen", r["max_batch_seen"]), ("wall (s)", r["wall_seconds"])]

@@ -224,3 +224,35 @@ def test_bench_serve_reports_no_errors_and_no_mismatches(server):
     res = bench_serve(server.grpc_url, concurrency=16, n_requests=16, knobs={"method": "es-dllm"})
     assert (res["errors"], res["mismatches"], res["identical_to_alone"]) == (0, 0, True), res
     assert res["p99_latency_s"] >= res["p50_latency_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained_server(tmp_path_factory):
+    """The committed default model behind a real tritonserver: parallel decoding fires on it."""
+    from esdllm.runtime.pipeline import DEFAULT_MODEL
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip(f"no committed default model at {DEFAULT_MODEL}")
+    pytest.importorskip("tritonclient.grpc")
+    from esdllm.runtime.serve import TritonServer
+    values = repo_values(None, DEFAULT_MODEL, executor="torch", device="cpu", max_batch=8, max_tokens=64,
+                         max_prompt=96, queue_delay_us=20000, decode={"gen_length": 64, "block_length": 32})
+    try:
+        srv = TritonServer(values, grpc_port=free_port(), http_port=free_port(),
+                           log=tmp_path_factory.mktemp("triton-trained") / "tritonserver.log")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with srv:
+        yield srv
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("method", ["es-dllm", "fast-dllm"])
+def test_served_default_model_answers_under_load(trained_server, method):
+    """Threshold decoding commits many tokens a step here (never on random weights): batched
+    requests must still equal their alone answers, and those answers must be right."""
+    from esdllm.runtime.client import bench_serve
+    res = bench_serve(trained_server.grpc_url, concurrency=8, n_requests=16,
+                      knobs={"method": method, "threshold": 0.9})
+    assert (res["errors"], res["mismatches"]) == (0, 0), res
+    assert res["exact_match"] >= 0.75, res
+    assert res["max_batch_seen"] > 1, "concurrent requests were never batched"
