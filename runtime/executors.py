@@ -4,6 +4,8 @@ TorchExecutor  the Transformer itself (runtime/model.py)
 OrtExecutor    the ONNX graph variants written by `esdllm build`, run by onnxruntime. The caches
                stay torch CPU tensors (model.Cache); they go in as graph inputs and take the merged
                caches the graph returns, so the loop sees the same in-place update as with torch.
+step_feeds     the pure part of an engine step: which graph variant a StepPlan needs and its named
+               inputs (shared with the TensorRT executor)
 make_executor  "torch" | "onnxruntime" | "tensorrt" (runtime/trt_executor.py, imported on demand)
 
 Every executor has .args, .device, .dtype, new_cache(batch, length, hidden_layers),
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .artifacts import EngineError, EngineSpec
 from .config import ModelArgs
 from .model import Cache, StepPlan, Transformer
 
@@ -79,12 +82,11 @@ class OrtExecutor:
     """
 
     def __init__(self, engine_dir: str | Path, providers: list[str] | None = None):
-        from .artifacts import EngineError, EngineSpec
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise ImportError(f"the onnxruntime executor needs onnxruntime (pip install 'esdllm[onnx]'): {e}") from e
-        self._ort, self._EngineError = ort, EngineError
+        self._ort = ort
         self.spec = EngineSpec.read(engine_dir)
         dtype = self.spec.build.dtype
         if dtype not in _ORT_DTYPES:
@@ -112,7 +114,7 @@ class OrtExecutor:
         self.spec.check_canvas(batch, length)
         extra = sorted(set(hidden_layers) - set(self.prune_layers))
         if extra:
-            raise self._EngineError(
+            raise EngineError(
                 f"hidden-state cache at layer {extra[0]} requested, but the artifacts in {self.spec.root} "
                 f"were built with prune layers {list(self.prune_layers)}; rebuild with matching "
                 f"--skip-proportions/--skip-positions or --prune-layers")
@@ -124,33 +126,9 @@ class OrtExecutor:
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None):
         """Same contract as Transformer.step: tokens, idx [B, n] int64 -> logits [B, m, V], pred [B, m]."""
         plan = plan or StepPlan()
-        self._check_shape(tokens, idx, cache)
-        B, n = idx.shape
-        pruned = effective_keep(plan.keep, n)
-        feeds = {"tokens": _np(tokens), "idx": _np(idx), "positions": _np(cache.positions),
-                 "key_valid": _np(cache.key_valid)}
-        if pruned:
-            variant = "skip"
-            feeds.update(self._skip_inputs(plan, pruned, cache, B, n))
-        else:
-            variant = "dense_hidden" if plan.write_hidden and cache.hidden else "dense"
-            start, stop, stride = (plan.head or slice(None)).indices(n)
-            if stride != 1:
-                raise ValueError(f"plan.head must be a contiguous slice, got {plan.head}")
-            feeds["head_start"], feeds["head_stop"] = np.array(start), np.array(max(start, stop))
-        for l in range(self.args.n_layers):
-            feeds[f"k_cache.{l}"], feeds[f"v_cache.{l}"] = _np(cache.k[l]), _np(cache.v[l])
-        if variant != "dense":
-            zeros = None
-            for l in self.prune_layers:
-                if l in cache.hidden:
-                    feeds[f"hidden.{l}"] = _np(cache.hidden[l])
-                else:  # never read: this layer keeps every row (k = rows) and its output is dropped
-                    if zeros is None:
-                        zeros = np.zeros((B, cache.length + 1, self.args.dim), dtype=feeds["k_cache.0"].dtype)
-                    feeds[f"hidden.{l}"] = zeros
+        variant, feeds = step_feeds(self.spec, tokens, idx, cache, plan)
         sess, names = self.session(variant)
-        out = dict(zip(names, sess.run(None, feeds)))
+        out = dict(zip(names, sess.run(None, {k: _np(v) for k, v in feeds.items()})))
         self.calls[variant] += 1
         for l in range(self.args.n_layers):
             cache.k[l].copy_(torch.from_numpy(out[f"k_cache_out.{l}"]))
@@ -160,41 +138,74 @@ class OrtExecutor:
                 h.copy_(torch.from_numpy(out[f"hidden_out.{l}"]))
         return torch.from_numpy(out["logits"]), torch.from_numpy(out["pred"])
 
-    def _skip_inputs(self, plan: StepPlan, pruned: dict[int, int], cache: Cache, B: int, n: int) -> dict:
-        """keep / keep_rows per built prune layer: the plan's counts where it prunes, else the rows
-        alive there (token_gather with k = rows keeps every row in order: an identity)."""
-        missing = sorted(set(pruned) - set(self.prune_layers))
-        if missing:
-            raise self._EngineError(
-                f"the plan prunes at layer {missing[0]}, but the skip graph in {self.spec.root} prunes at "
-                f"layers {list(self.prune_layers)}; rebuild with matching --skip-proportions/--skip-positions "
-                f"or --prune-layers")
-        no_hidden = sorted(set(pruned) - set(cache.hidden))
-        if no_hidden:
-            raise ValueError(f"the plan prunes at layer {no_hidden[0]}, which has no hidden-state cache")
-        if plan.confidence is None or plan.bonus is None:
-            raise ValueError("a pruning plan needs plan.confidence and plan.bonus")
-        alpha = self.spec.build.alpha
-        if abs(plan.alpha - alpha) > 1e-9:
-            raise ValueError(f"plan alpha {plan.alpha} differs from the alpha {alpha} the skip graph in "
-                             f"{self.spec.root} was built with; rebuild with --alpha {plan.alpha}")
-        keep, rows, cur = [], [], n
-        for l in self.prune_layers:
-            if l in pruned:
-                cur = pruned[l]
-                kr = plan.keep_rows[l] if plan.keep_rows is not None else None
-            else:
-                kr = None
-            keep.append(cur)
-            rows.append(_np(kr).astype(np.int64) if kr is not None else np.full(B, cur, dtype=np.int64))
-        return {"confidence": _np(plan.confidence.float()), "bonus": _np(plan.bonus.float()),
-                "keep": np.array(keep, dtype=np.int64), "keep_rows": np.stack(rows)}
 
-    def _check_shape(self, tokens: Tensor, idx: Tensor, cache: Cache) -> None:
-        if tokens.shape != idx.shape:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and idx {tuple(idx.shape)} must have one shape")
-        if idx.shape[0] != cache.batch:
-            raise ValueError(f"idx has batch {idx.shape[0]}, the cache {cache.batch}")
+def step_feeds(spec: EngineSpec, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan
+               ) -> tuple[str, dict[str, Tensor]]:
+    """The graph variant one step needs and its inputs, named as build/graphs.io_spec (shared by the
+    onnxruntime and TensorRT executors): skip when the plan really prunes (effective_keep),
+    dense_hidden when it writes hidden states, dense otherwise. tokens, idx: [B, n] int64.
+
+    The cache tensors are fed as they are; an executor whose engine merges in place must copy
+    what it may not change."""
+    B, n = idx.shape
+    if tokens.shape != idx.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and idx {tuple(idx.shape)} must have one shape")
+    if B != cache.batch:
+        raise ValueError(f"idx has batch {B}, the cache {cache.batch}")
+    args = spec.model
+    pruned = effective_keep(plan.keep, n)
+    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": cache.key_valid}
+    if pruned:
+        variant = "skip"
+        feeds.update(_skip_feeds(spec, plan, pruned, cache, B, n))
+    else:
+        variant = "dense_hidden" if plan.write_hidden and cache.hidden else "dense"
+        start, stop, stride = (plan.head or slice(None)).indices(n)
+        if stride != 1:
+            raise ValueError(f"plan.head must be a contiguous slice, got {plan.head}")
+        feeds["head_start"], feeds["head_stop"] = torch.tensor(start), torch.tensor(max(start, stop))
+    for l in range(args.n_layers):
+        feeds[f"k_cache.{l}"], feeds[f"v_cache.{l}"] = cache.k[l], cache.v[l]
+    if variant != "dense":
+        zeros = None
+        for l in spec.prune_layers:
+            h = cache.hidden.get(l)
+            if h is None:  # never read: this layer keeps every row (k = rows) and its output is dropped
+                if zeros is None:
+                    zeros = cache.k[0].new_zeros(B, cache.length + 1, args.dim)
+                h = zeros
+            feeds[f"hidden.{l}"] = h
+    return variant, feeds
+
+
+def _skip_feeds(spec: EngineSpec, plan: StepPlan, pruned: dict[int, int], cache: Cache, B: int, n: int) -> dict:
+    """keep [P] / keep_rows [P, B] per built prune layer: the plan's counts where it prunes, else the
+    rows alive there (token_gather with k = rows keeps every row in order: an identity)."""
+    prune = tuple(spec.prune_layers)
+    missing = sorted(set(pruned) - set(prune))
+    if missing:
+        raise EngineError(f"the plan prunes at layer {missing[0]}, but the skip graph in {spec.root} prunes at "
+                          f"layers {list(prune)}; rebuild with matching --skip-proportions/--skip-positions "
+                          f"or --prune-layers")
+    no_hidden = sorted(set(pruned) - set(cache.hidden))
+    if no_hidden:
+        raise ValueError(f"the plan prunes at layer {no_hidden[0]}, which has no hidden-state cache")
+    if plan.confidence is None or plan.bonus is None:
+        raise ValueError("a pruning plan needs plan.confidence and plan.bonus")
+    if abs(plan.alpha - spec.build.alpha) > 1e-9:
+        raise ValueError(f"plan alpha {plan.alpha} differs from the alpha {spec.build.alpha} the skip graph in "
+                         f"{spec.root} was built with; rebuild with --alpha {plan.alpha}")
+    keep, rows, cur = [], [], n
+    dev = cache.positions.device
+    for l in prune:
+        kr = None
+        if l in pruned:
+            cur = pruned[l]
+            kr = plan.keep_rows.get(l) if plan.keep_rows is not None else None
+        keep.append(cur)
+        rows.append(kr.long().to(dev) if kr is not None else torch.full((B,), cur, dtype=torch.long, device=dev))
+    return {"confidence": plan.confidence.float(), "bonus": plan.bonus.float(),
+            "keep": torch.tensor(keep, dtype=torch.long), "keep_rows": torch.stack(rows)}
 
 
 def _np(t: Tensor) -> np.ndarray:

@@ -5,8 +5,7 @@ TrtExecutor  args, device, new_cache(batch, length, hidden_layers), step(tokens,
 Session      one engine + execution context, shaped like TensorRT-LLM's Session: infer_shapes()
              checks every input (name, dtype, rank, profile range) and names the bad tensor, then
              run() binds addresses (set_tensor_address) and calls execute_async_v3 on torch's stream
-step_feeds   the pure part: which graph variant a StepPlan needs and its named inputs
-             (the rules of executors.OrtExecutor, on torch tensors)
+The graph variant of a step and its named inputs come from executors.step_feeds, as for onnxruntime.
 
 The cache stays in the runtime's Cache object on the GPU. An engine output that TensorRT aliases to
 its cache input (the cache_merge plugin, in place) is bound to the same buffer; otherwise the merged
@@ -23,72 +22,10 @@ import torch
 from torch import Tensor
 
 from .artifacts import EngineError, EngineSpec
-from .executors import effective_keep
+from .executors import step_feeds
 from .model import Cache, StepPlan
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def step_feeds(spec: EngineSpec, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan
-               ) -> tuple[str, dict[str, Tensor]]:
-    """The variant one step needs and its inputs, named as build/graphs.io_spec; the same rules as
-    OrtExecutor: skip when the plan really prunes (executors.effective_keep), dense_hidden when it
-    writes hidden states, dense otherwise. tokens, idx: [B, n] int64."""
-    B, n = idx.shape
-    if tokens.shape != idx.shape or B != cache.batch:
-        raise ValueError(f"tokens {tuple(tokens.shape)}, idx {tuple(idx.shape)} and the cache's batch "
-                         f"{cache.batch} do not agree")
-    prune, args = tuple(spec.prune_layers), spec.model
-    pruned = effective_keep(plan.keep, n)
-    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": cache.key_valid}
-    if pruned:
-        variant = "skip"
-        feeds.update(_skip_feeds(spec, plan, pruned, cache, B, n))
-    else:
-        variant = "dense_hidden" if plan.write_hidden and cache.hidden else "dense"
-        start, stop, stride = (plan.head or slice(None)).indices(n)
-        if stride != 1:
-            raise ValueError(f"plan.head must be a contiguous slice, got {plan.head}")
-        feeds["head_start"], feeds["head_stop"] = torch.tensor(start), torch.tensor(max(start, stop))
-    for l in range(args.n_layers):
-        feeds[f"k_cache.{l}"], feeds[f"v_cache.{l}"] = cache.k[l], cache.v[l]
-    if variant != "dense":
-        for l in prune:
-            h = cache.hidden.get(l)
-            if h is None:  # never read: this layer keeps every row and its hidden output is dropped
-                h = torch.zeros(B, cache.length + 1, args.dim, dtype=cache.k[0].dtype, device=cache.k[0].device)
-            elif not plan.write_hidden:  # the engine may merge in place; keep the cache as it is
-                h = h.clone()
-            feeds[f"hidden.{l}"] = h
-    return variant, feeds
-
-
-def _skip_feeds(spec: EngineSpec, plan: StepPlan, pruned: dict[int, int], cache: Cache, B: int, n: int) -> dict:
-    """keep [P] / keep_rows [P, B]: the plan's counts where it prunes, else the rows alive there."""
-    prune = tuple(spec.prune_layers)
-    missing = sorted(set(pruned) - set(prune))
-    if missing:
-        raise EngineError(f"the plan prunes at layer {missing[0]}, but the skip engine in {spec.root} prunes "
-                          f"at layers {list(prune)}; rebuild with matching --prune-layers")
-    no_hidden = sorted(set(pruned) - set(cache.hidden))
-    if no_hidden:
-        raise ValueError(f"the plan prunes at layer {no_hidden[0]}, which has no hidden-state cache")
-    if plan.confidence is None or plan.bonus is None:
-        raise ValueError("a pruning plan needs plan.confidence and plan.bonus")
-    if abs(plan.alpha - spec.build.alpha) > 1e-9:
-        raise ValueError(f"plan alpha {plan.alpha} differs from the alpha {spec.build.alpha} the skip engine "
-                         f"was built with; rebuild with --alpha {plan.alpha}")
-    keep, rows, cur = [], [], n
-    for l in prune:
-        kr = None
-        if l in pruned:
-            cur = pruned[l]
-            kr = plan.keep_rows.get(l) if plan.keep_rows is not None else None
-        keep.append(cur)
-        rows.append(kr.long() if kr is not None else torch.full((B,), cur, dtype=torch.long))
-    dev = cache.positions.device
-    return {"confidence": plan.confidence.float(), "bonus": plan.bonus.float(),
-            "keep": torch.tensor(keep, dtype=torch.long), "keep_rows": torch.stack([r.to(dev) for r in rows])}
 
 
 @functools.cache
@@ -280,6 +217,10 @@ class TrtExecutor:
         """Same contract as Transformer.step: tokens, idx [B, n] int64 -> logits [B, m, V], pred [B, m]."""
         plan = plan or StepPlan()
         variant, feeds = step_feeds(self.spec, tokens, idx, cache, plan)
+        if not plan.write_hidden:  # the engine may merge hidden states in place; keep the cache as it is
+            for l in cache.hidden:
+                if f"hidden.{l}" in feeds:
+                    feeds[f"hidden.{l}"] = feeds[f"hidden.{l}"].clone()
         if variant not in self.sessions:
             raise EngineError(f"this step needs the {variant!r} engine, but {self.spec.root} has engines for "
                               f"{sorted(self.sessions)}; rebuild with --variants including {variant}")
