@@ -21,10 +21,12 @@ from . import sampling as S
 
 @dataclass
 class BlockEvent:
+    """After a block (block_done) or, with stream_steps, after a step that grew a row's decided prefix."""
     block: int
     n_blocks: int
     canvas: Tensor        # [B, gen_length] generation region so far (mask_id where undecided)
-    done: bool
+    done: bool            # the last event of this call
+    block_done: bool = True
 
 
 @dataclass
@@ -47,11 +49,15 @@ def _step_rows(plan, n: int, n_layers: int) -> float:
 
 @torch.inference_mode()
 def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids: set[int] | None = None,
-             on_block: Callable[[BlockEvent], None] | None = None, progress: bool = False) -> GenerateOutput:
+             on_block: Callable[[BlockEvent], None] | None = None, stream_steps: bool = False,
+             progress: bool = False) -> GenerateOutput:
     """Decode `cfg.gen_length` tokens after each prompt. prompts: token id lists (any lengths).
 
-    on_block(event) runs after each block; if it returns row indices, those rows stop decoding
-    (their slots go to the trash row; the other rows' tokens are unaffected).
+    on_block(event) runs after each block and, with stream_steps, also after every step that
+    lengthens some row's decided prefix (the tokens before its first mask, which never change
+    again) without finishing the block; if it returns row indices, those rows stop decoding
+    (their slots go to the trash row; the other rows' tokens are unaffected). Events never change
+    what is decoded.
     """
     args = executor.args
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -85,6 +91,7 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     pad_col = torch.full((B, 1), args.mask_id, dtype=torch.long, device=dev)
     bar = _bar(progress, n_blocks * spb)
     step_cnt = 0
+    streamed = torch.zeros(B, dtype=torch.long, device=dev)  # decided-prefix lengths at the last event
     for blk in range(n_blocks):
         s, e = P + blk * bl, P + (blk + 1) * bl
         quota = S.llada_quota((x[:, s:e] == args.mask_id).sum(1), spb)
@@ -124,6 +131,14 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
             stats.steps += 1
             if bar is not None:
                 bar.update(1)
+            if stream_steps and on_block is not None:
+                prefix = _decided_prefix(x[:, P:], args.mask_id)
+                block_left = ((x[:, s:e] == args.mask_id).any(1) & ~done).any()
+                if bool(block_left) and bool((prefix > streamed).any()):  # the block's end has its own event
+                    streamed = prefix
+                    stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), False, block_done=False))
+                    if stop:
+                        done[list(stop)] = True
         # ES-dLLM keeps refresh periods aligned to blocks when a block ends early (§1.4).
         step_cnt = (blk + 1) * spb
         if cfg.stop_at_eos:
@@ -133,6 +148,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
                 x[newly, e:] = args.eos_id
                 done |= newly
         if on_block is not None:  # it may return rows to stop (a client went away): they idle from now on
+            if stream_steps:
+                streamed = _decided_prefix(x[:, P:], args.mask_id)
             stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), bool(done.all()) or blk == n_blocks - 1))
             if stop:
                 done[list(stop)] = True
@@ -146,6 +163,12 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     out = x[:, P:]
     stats.generated_tokens = int(sum(_until_stop(r, stop_ids) for r in out.tolist()))
     return GenerateOutput(out, stats)
+
+
+def _decided_prefix(region: Tensor, mask_id: int) -> Tensor:
+    """[B, G] generation region -> [B] number of tokens before each row's first mask."""
+    m = region == mask_id
+    return torch.where(m.any(1), m.int().argmax(1), region.shape[1])
 
 
 def _choose(cfg, sampler, C, cand, quota, step, spb, masked, gen) -> Tensor:

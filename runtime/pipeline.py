@@ -41,12 +41,14 @@ class GenerateResult:
 
 @dataclass
 class StreamEvent:
-    """One decided block: texts decoded so far per row (undecided masks dropped)."""
+    """Texts decided so far per row: each row's tokens before its first mask, which never change
+    again (after every block, and with stream_steps also when a step lengthens them)."""
     block: int
     n_blocks: int
     texts: list[str]
     token_ids: list[list[int]]
     done: bool
+    block_done: bool = True
 
 
 class Pipeline:
@@ -79,14 +81,20 @@ class Pipeline:
         return decode_completion(self.tokenizer, ids, self.stop)
 
     def generate(self, prompts: list[str] | list[list[int]], cfg: DecodeConfig, *, chat: bool = False,
-                 on_block: Callable[[StreamEvent], None] | None = None, progress: bool = False) -> GenerateResult:
+                 on_block: Callable[[StreamEvent], None] | None = None, stream_steps: bool = False,
+                 progress: bool = False) -> GenerateResult:
+        """on_block / stream_steps: see generate.generate; events carry decoded texts here."""
         ids = [p if isinstance(p, list) else self.encode(p, chat, cfg.gen_length) for p in prompts]
         hook = None
         if on_block is not None:
+            mask = self.args.mask_id
+
             def hook(ev: BlockEvent):
-                rows = [[t for t in r if t != self.args.mask_id] for r in ev.canvas.tolist()]
+                rows = [r[:r.index(mask)] if mask in r else r for r in ev.canvas.tolist()]
                 dec = [self.decode(r) for r in rows]
-                return on_block(StreamEvent(ev.block, ev.n_blocks, [d[0] for d in dec], [d[1] for d in dec], ev.done))
-        out = generate(self.executor, ids, cfg, stop_ids=self.stop, on_block=hook, progress=progress)
+                return on_block(StreamEvent(ev.block, ev.n_blocks, [d[0] for d in dec], [d[1] for d in dec],
+                                            ev.done, ev.block_done))
+        out = generate(self.executor, ids, cfg, stop_ids=self.stop, on_block=hook, stream_steps=stream_steps,
+                       progress=progress)
         comps = [Completion(*self.decode(r)) for r in out.tokens.tolist()]
         return GenerateResult(comps, out.stats)

@@ -177,3 +177,43 @@ def test_on_block_can_stop_a_row_without_touching_the_others(model):
     assert seen == [0, 1, 2]
     assert bool((out.tokens[0, 8:] == model.args.mask_id).all())  # row 0 stopped after its first block
     assert torch.equal(out.tokens[1], run(model, cfg, PROMPTS[1:2])[0])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "es-dllm"])
+def test_stream_steps_reports_growing_decided_prefixes_without_changing_tokens(model, method):
+    cfg = DecodeConfig(method=method, gen_length=24, block_length=8)
+    events = []
+    out = generate(model, PROMPTS, cfg, on_block=lambda ev: events.append(ev), stream_steps=True)
+    assert torch.equal(out.tokens, run(model, cfg))
+    mask = model.args.mask_id
+    steps = [ev for ev in events if not ev.block_done]
+    assert [ev.block for ev in events if ev.block_done] == [0, 1, 2]
+    assert steps, "no step ever lengthened a decided prefix before its block ended"
+    last = torch.zeros(len(PROMPTS), dtype=torch.long)
+    for ev in events:
+        m = ev.canvas == mask
+        prefix = torch.where(m.any(1), m.int().argmax(1), m.shape[1])
+        assert (prefix >= last).all()                                   # prefixes only grow
+        if not ev.block_done:
+            assert (prefix > last).any()                                # a step event means growth
+        for b in range(len(PROMPTS)):                                   # and what it shows is final
+            assert torch.equal(ev.canvas[b, :prefix[b]], out.tokens[b, :prefix[b]])
+        last = prefix
+
+
+def test_a_step_event_can_stop_a_row_mid_block(model):
+    cfg = DecodeConfig(method="vanilla", gen_length=16, block_length=8)
+    first = []
+
+    def stop_at_first_step_event(ev):
+        if not ev.block_done and not first:
+            first.append(ev.canvas.clone())
+            return [0]
+        return None
+
+    out = generate(model, PROMPTS[:2], cfg, on_block=stop_at_first_step_event, stream_steps=True)
+    assert first, "no step event fired"
+    mask = model.args.mask_id
+    decided = int((first[0][0] != mask).sum())
+    assert decided % 8 and int((out.tokens[0] != mask).sum()) == decided   # row 0 froze mid-block
+    assert torch.equal(out.tokens[1], run(model, cfg, PROMPTS[1:2])[0])

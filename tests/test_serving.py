@@ -5,6 +5,7 @@ they get alone. One server per module. Plus the template and request parsing wit
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import threading
 import time
@@ -134,7 +135,7 @@ def test_plain_request_matches_the_runtime(server, pipe):
 
 
 @pytest.mark.serve
-def test_stream_sends_each_block_then_the_stats(server, pipe):
+def test_stream_sends_decided_text_then_the_stats(server, pipe):
     plain = _ask(server, text_input=PROMPTS[2], max_tokens=MAX_TOKENS, method="es-dllm")
     r = _ask(server, text_input=PROMPTS[2], max_tokens=MAX_TOKENS, method="es-dllm", stream=True)
     assert r.error is None and plain.error is None
@@ -191,7 +192,7 @@ def test_client_hanging_up_mid_stream_frees_its_slot(server, pipe):
     deadline = time.monotonic() + 60
     while "went away" not in log.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "went away; stopped after block" in log.read_text(errors="replace")
+    assert re.search(r"went away; stopped (after|in) block \d+ of 4", log.read_text(errors="replace"))
     after = _ask(server, text_input=PROMPTS[5])
     assert after.error is None and after.text == _alone(pipe, PROMPTS[5]).text
 

@@ -176,7 +176,7 @@ def group_by_config(items: list[tuple[Request, object]]) -> list[tuple[DecodeCon
 
 class StreamText:
     """Turns cumulative decoded texts into deltas. A trailing U+FFFD (a multi-byte character cut in
-    half) is held back until the next block completes it."""
+    half) is held back until a later event completes it."""
 
     def __init__(self):
         self.sent = ""

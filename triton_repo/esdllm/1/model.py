@@ -1,7 +1,9 @@
 """Triton python-backend model `esdllm`: diffusion-LLM generation over the esdllm runtime.
 
 Decoupled: every request gets its responses through its own sender (one final response, or with
-stream=true one response per newly decided block, then the final one with the stats). The
+stream=true one response each time its decided prefix grows, then the final one with the stats:
+a diffusion step may decide tokens anywhere in the block, but only the text before the first
+undecided position is final, so that is what streams). The
 dynamic batcher hands execute() the requests that queued up; requests with equal decoding
 configs run as one diffusion batch (mixed prompt lengths, each row gets exactly the tokens it gets
 alone), different configs run one after another. A bad request gets an error naming the problem
@@ -75,12 +77,14 @@ class TritonPythonModel:
                         gone[i] = True
             if all(gone):
                 pb_utils.Logger.log_info(f"esdllm: every client of a batch of {len(group)} went away; "
-                                         f"stopped after block {ev.block + 1} of {ev.n_blocks}")
+                                         f"stopped {'after' if ev.block_done else 'in'} block {ev.block + 1} "
+                                         f"of {ev.n_blocks}")
                 raise _AllCancelled()
             return [i for i, g in enumerate(gone) if g]  # departed clients' rows stop decoding
 
         try:
-            res = self.pipe.generate([req.prompt_ids for req, _ in group], cfg, on_block=on_block)
+            res = self.pipe.generate([req.prompt_ids for req, _ in group], cfg, on_block=on_block,
+                                     stream_steps=any(req.stream for req, _ in group))
         except _AllCancelled:
             for _, sender in group:
                 self._send(sender, final=True)
