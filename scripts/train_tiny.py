@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    start, history = 0, []
+    start, history, spent = 0, [], 0.0
     state_path = out / STATE_FILE
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
@@ -242,10 +242,10 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             raise ValueError(f"{state_path} was written by a different configuration; delete it to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        start, history = st["step"], st["history"]
+        start, history, spent = st["step"], st["history"], st.get("elapsed_s", 0.0)
         log(f"resuming from step {start}")
     model.train()
-    t0, ema = time.time(), None
+    t0, ema = time.time() - spent, None  # elapsed_s counts the training time of every session
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.family}",
                file=sys.stderr, mininterval=5.0)
     for step in bar:
@@ -269,7 +269,8 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             tmp = state_path.with_suffix(".tmp")
             torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                        "opt": opt.state_dict(), "step": done, "history": history}, tmp)
+                        "opt": opt.state_dict(), "step": done, "history": history,
+                        "elapsed_s": time.time() - t0}, tmp)
             tmp.replace(state_path)  # atomic: an interrupted save never corrupts the resume point
         if stop_after is not None and done >= stop_after and done < cfg.steps:
             if done % cfg.ckpt_every:

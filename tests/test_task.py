@@ -118,6 +118,7 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     _, cut = _micro(tmp_path / "resumed", steps=4)
     assert T.train(cut, log=lambda s: None, stop_after=2) is None  # an interruption after step 2
     assert (tmp_path / "resumed" / T.STATE_FILE).is_file()
+    assert torch.load(tmp_path / "resumed" / T.STATE_FILE, weights_only=False)["elapsed_s"] > 0  # carried over
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     T.train(cut, log=lambda s: None)
     a = load_model(tmp_path / "full").state_dict()
