@@ -1,10 +1,11 @@
 """Train esdllm's embedded default model (LLaDA or Dream architecture) on the synthetic task.
 
-One run is one stage; `scripts/train_defaults` chains the stages that made the committed
-checkpoints (--init-from the previous stage, a fresh --seed, then --tail-mask), e.g.
+models/llada-tiny is this script's defaults (7,000 steps, ~45 min on 2 free CPU cores):
 
-    python scripts/train_tiny.py --family llada --out models/llada-tiny --init-from STAGE2 \
-        --seed 2 --steps 2000 --lr 1e-3 --tail-mask 0.5
+    python scripts/train_tiny.py --family llada --out models/llada-tiny
+
+--init-from DIR continues from a checkpoint of the same shape (a second stage on fresh data with
+a new --seed); models/dream-tiny took two stages, see scripts/train_defaults.
 
 Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
 (stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
@@ -49,7 +50,7 @@ class TrainConfig:
     family: str
     out: str
     seed: int = 0
-    steps: int = 3500
+    steps: int = 7000
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -71,7 +72,7 @@ class TrainConfig:
     # share of sequences whose whole post-answer tail (end-of-turn + EOS padding) is masked on top
     # of the random mask: decoders that hold EOS back (ES-dLLM's delayed EOS) decode the answer
     # with the tail still masked, a state the i.i.d. mask rarely shows
-    tail_mask: float = 0.0
+    tail_mask: float = 0.5
     init_from: str | None = None           # start from this checkpoint's weights (a second stage)
     ckpt_every: int = 100
     val_every: int = 500
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
               "chat_frac", "val_every", "ckpt_every"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     p.add_argument("--n-kv-heads", type=int, default=None)
-    p.add_argument("--tail-mask", type=float, default=0.0)
+    p.add_argument("--tail-mask", type=float, default=d.tail_mask)
     p.add_argument("--init-from", default=None, help="checkpoint dir to start from (same shape)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
