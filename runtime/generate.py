@@ -92,6 +92,12 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     bar = _bar(progress, n_blocks * spb)
     step_cnt = 0
     streamed = torch.zeros(B, dtype=torch.long, device=dev)  # decided-prefix lengths at the last event
+
+    def emit(blk: int, last: bool, block_done: bool) -> None:
+        # the hook may return rows to stop (a client went away): they idle from now on
+        stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), last, block_done))
+        if stop:
+            done[list(stop)] = True
     for blk in range(n_blocks):
         s, e = P + blk * bl, P + (blk + 1) * bl
         quota = S.llada_quota((x[:, s:e] == args.mask_id).sum(1), spb)
@@ -133,12 +139,10 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
                 bar.update(1)
             if stream_steps and on_block is not None:
                 prefix = _decided_prefix(x[:, P:], args.mask_id)
-                block_left = ((x[:, s:e] == args.mask_id).any(1) & ~done).any()
-                if bool(block_left) and bool((prefix > streamed).any()):  # the block's end has its own event
+                # a step that finishes the block leaves its growth to the block's own event
+                if bool((prefix > streamed).any()) and bool(((x[:, s:e] == args.mask_id).any(1) & ~done).any()):
                     streamed = prefix
-                    stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), False, block_done=False))
-                    if stop:
-                        done[list(stop)] = True
+                    emit(blk, last=False, block_done=False)
         # ES-dLLM keeps refresh periods aligned to blocks when a block ends early (§1.4).
         step_cnt = (blk + 1) * spb
         if cfg.stop_at_eos:
@@ -147,12 +151,10 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
             if bool(newly.any()):
                 x[newly, e:] = args.eos_id
                 done |= newly
-        if on_block is not None:  # it may return rows to stop (a client went away): they idle from now on
+        if on_block is not None:
             if stream_steps:
                 streamed = _decided_prefix(x[:, P:], args.mask_id)
-            stop = on_block(BlockEvent(blk, n_blocks, x[:, P:].clone(), bool(done.all()) or blk == n_blocks - 1))
-            if stop:
-                done[list(stop)] = True
+            emit(blk, last=bool(done.all()) or blk == n_blocks - 1, block_done=True)
         if bool(done.all()):
             break
     if bar is not None:

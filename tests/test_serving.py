@@ -90,13 +90,11 @@ def test_stream_text_holds_back_a_cut_character():
 
 # --- against the real server --------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server(llada_ckpt, tmp_path_factory):
+def _serve(model_dir, tmp_path_factory, **values):
+    """A real tritonserver over `model_dir` (torch executor, CPU) for one test module; skips without one."""
     pytest.importorskip("tritonclient.grpc")
     from esdllm.runtime.serve import TritonServer
-    values = repo_values(None, llada_ckpt, executor="torch", device="cpu", max_batch=16, max_tokens=MAX_TOKENS,
-                         max_prompt=MAX_PROMPT, queue_delay_us=20000,
-                         decode={"gen_length": GEN, "block_length": BLOCK})
+    values = repo_values(None, model_dir, executor="torch", device="cpu", queue_delay_us=20000, **values)
     try:
         srv = TritonServer(values, grpc_port=free_port(), http_port=free_port(),
                            log=tmp_path_factory.mktemp("triton") / "tritonserver.log")
@@ -104,6 +102,12 @@ def server(llada_ckpt, tmp_path_factory):
         pytest.skip(str(e))
     with srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def server(llada_ckpt, tmp_path_factory):
+    yield from _serve(llada_ckpt, tmp_path_factory, max_batch=16, max_tokens=MAX_TOKENS, max_prompt=MAX_PROMPT,
+                      decode={"gen_length": GEN, "block_length": BLOCK})
 
 
 @pytest.fixture(scope="module")
@@ -233,17 +237,8 @@ def trained_server(tmp_path_factory):
     from esdllm.runtime.pipeline import DEFAULT_MODEL
     if not (DEFAULT_MODEL / "config.json").is_file():
         pytest.skip(f"no committed default model at {DEFAULT_MODEL}")
-    pytest.importorskip("tritonclient.grpc")
-    from esdllm.runtime.serve import TritonServer
-    values = repo_values(None, DEFAULT_MODEL, executor="torch", device="cpu", max_batch=8, max_tokens=64,
-                         max_prompt=96, queue_delay_us=20000, decode={"gen_length": 64, "block_length": 32})
-    try:
-        srv = TritonServer(values, grpc_port=free_port(), http_port=free_port(),
-                           log=tmp_path_factory.mktemp("triton-trained") / "tritonserver.log")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    with srv:
-        yield srv
+    yield from _serve(DEFAULT_MODEL, tmp_path_factory, max_batch=8, max_tokens=64, max_prompt=96,
+                      decode={"gen_length": 64, "block_length": 32})
 
 
 @pytest.mark.serve
