@@ -84,7 +84,7 @@ def run_bench_checkpoint(model_dir, methods: list[str], device: str = "cpu", dty
     from . import task
     from .pipeline import Pipeline
     pipe = Pipeline.load(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
-    prompts = [pipe.encode(p.prompt, gen_length=gen) for p in task.problems(seed, batch, split="heldout")]
+    prompts = [pipe.encode(p.prompt, gen_length=gen) for p in task.problems(seed, batch, split="heldout", family=task.SHORT_FAMILIES)]
     out = _run(pipe.executor.model, prompts, gen, block, methods, device, rounds, progress, stop_ids=pipe.stop)
     out.update(model=str(pipe.model_dir), prompt=max(len(p) for p in prompts),
                dtype=str(pipe.executor.dtype).removeprefix("torch."))

@@ -39,6 +39,8 @@ class EvalConfig:
     gen_length: int = 64
     block_length: int = 32
     steps: int | None = None           # None: gen_length (one token a step without a threshold)
+    families: tuple[str, ...] = task.FAMILIES
+    natural_lengths: bool = True       # each family at task.NATURAL_GEN (gen_length only where it has none)
     threshold: float = 0.9             # for the methods whose preset uses one
     batch_size: int = 16
     chat: bool = False
@@ -47,11 +49,19 @@ class EvalConfig:
         bad = [m for m in self.methods if m not in METHOD_PRESETS]
         if bad or not self.methods:
             raise ValueError(f"unknown method {bad[0] if bad else '(none)'!r}; expected some of {tuple(METHOD_PRESETS)}")
+        badf = [f for f in self.families if f not in task.FAMILIES]
+        if badf or not self.families:
+            raise ValueError(f"unknown task family {badf[0] if badf else '(none)'!r}; expected some of {task.FAMILIES}")
         if self.n <= 0 or self.batch_size <= 0:
             raise ValueError(f"n and batch_size must be positive, got {self.n}, {self.batch_size}")
 
-    def decode_configs(self) -> dict[str, DecodeConfig]:
-        base = DecodeConfig(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps)
+    def gen_length_of(self, family: str) -> int:
+        return task.NATURAL_GEN[family] if self.natural_lengths else self.gen_length
+
+    def decode_configs(self, family: str | None = None) -> dict[str, DecodeConfig]:
+        gen = self.gen_length if family is None else self.gen_length_of(family)
+        steps = self.steps if gen == self.gen_length else None
+        base = DecodeConfig(gen_length=gen, block_length=min(self.block_length, gen), steps=steps)
         out = {}
         for m in self.methods:
             kw = dict(METHOD_PRESETS[m])
@@ -70,17 +80,28 @@ def _agreement(a: list[int], b: list[int]) -> float:
 
 
 def evaluate(pipe, cfg: EvalConfig, progress: bool = False) -> dict:
-    """Run every method of cfg on cfg.n held-out problems with `pipe` (a runtime Pipeline)."""
-    probs = task.problems(cfg.seed, cfg.n, split="heldout")
-    dcfgs = cfg.decode_configs()
-    batches = [probs[i: i + cfg.batch_size] for i in range(0, len(probs), cfg.batch_size)]
-    for m, dc in dcfgs.items():  # warm-up: first calls pay for allocation and lazy init
-        pipe.generate([probs[0].prompt], dc, chat=cfg.chat)
-    acc = {m: dict(hits=[], ids=[], nfe=0, tokens=0, seconds=0.0, calls=0) for m in dcfgs}
+    """Every method of cfg on cfg.n held-out problems of each family, with `pipe` (a runtime Pipeline)."""
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(batches) * len(dcfgs), desc="eval", unit="call", file=sys.stderr)
+        total = len(cfg.families) * -(-cfg.n // cfg.batch_size) * len(cfg.methods)
+        bar = tqdm(total=total, desc="eval", unit="call", file=sys.stderr)
+    fams = {f: _evaluate_family(pipe, cfg, f, bar) for f in cfg.families}
+    if bar is not None:
+        bar.close()
+    return {"model": str(pipe.model_dir), "family": pipe.args.family, "n": cfg.n, "seed": cfg.seed,
+            "split": "heldout", "block_length": cfg.block_length, "batch_size": cfg.batch_size, "chat": cfg.chat,
+            "dtype": str(pipe.executor.dtype).removeprefix("torch."), "device": str(pipe.executor.device),
+            "families": fams}
+
+
+def _evaluate_family(pipe, cfg: EvalConfig, family: str, bar) -> dict:
+    probs = task.problems(cfg.seed, cfg.n, split="heldout", family=family)
+    dcfgs = cfg.decode_configs(family)
+    batches = [probs[i: i + cfg.batch_size] for i in range(0, len(probs), cfg.batch_size)]
+    for m, dc in dcfgs.items():  # warm-up: first calls pay for allocation and lazy init
+        pipe.generate([probs[0].prompt], dc.replace(gen_length=dc.block_length, steps=None), chat=cfg.chat)
+    acc = {m: dict(hits=[], ids=[], nfe=0, tokens=0, seconds=0.0, calls=0) for m in dcfgs}
     for batch in batches:
         for m, dc in dcfgs.items():  # interleaved: every method sees the same machine state
             res = pipe.generate([p.prompt for p in batch], dc, chat=cfg.chat)
@@ -93,12 +114,10 @@ def evaluate(pipe, cfg: EvalConfig, progress: bool = False) -> dict:
             r["calls"] += 1
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
     ref = acc["vanilla"]["ids"] if "vanilla" in acc else None
     methods = {}
     for m, r in acc.items():
-        per_op = {op: [h for h, p in zip(r["hits"], probs) if p.op == op] for op in task.OPS}
+        per_op = {op: [h for h, p in zip(r["hits"], probs) if p.op == op] for op in task.FAMILY_OPS[family]}
         methods[m] = {
             "accuracy": round(sum(r["hits"]) / len(probs), 4),
             "per_op": {op: round(sum(h) / len(h), 4) for op, h in per_op.items() if h},
@@ -110,44 +129,45 @@ def evaluate(pipe, cfg: EvalConfig, progress: bool = False) -> dict:
             "seconds": round(r["seconds"], 3),
             "config": dcfgs[m].to_dict(),
         }
-    return {"model": str(pipe.model_dir), "family": pipe.args.family, "n": len(probs), "seed": cfg.seed,
-            "split": "heldout", "gen_length": cfg.gen_length, "block_length": cfg.block_length,
-            "batch_size": cfg.batch_size, "chat": cfg.chat, "dtype": str(pipe.executor.dtype).removeprefix("torch."),
-            "device": str(pipe.executor.device), "methods": methods}
+    return {"n": len(probs), "gen_length": cfg.gen_length_of(family), "methods": methods}
 
 
 def format_table(result: dict) -> str:
-    head = f"{'method':<18}{'accuracy':>9}{'agree':>8}{'NFE':>8}{'tok/fwd':>9}{'tok/s':>10}  per op"
-    lines = [f"{result['model']} ({result['family']}): {result['n']} held-out problems, seed {result['seed']}, "
-             f"gen {result['gen_length']}, block {result['block_length']}, batch {result['batch_size']}, "
+    head = f"{'family':<7}{'method':<18}{'accuracy':>9}{'agree':>8}{'NFE':>8}{'tok/fwd':>9}{'tok/s':>10}  per op"
+    lines = [f"{result['model']} ({result['family']}): {result['n']} held-out problems per family, seed "
+             f"{result['seed']}, block {result['block_length']}, batch {result['batch_size']}, "
              f"{result['dtype']} on {result['device']}", head, "-" * len(head)]
-    for m, r in result["methods"].items():
-        agree = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
-        ops = " ".join(f"{op}={v:.2f}" for op, v in r["per_op"].items())
-        lines.append(f"{m:<18}{r['accuracy']:>9.3f}{agree:>8}{r['nfe']:>8.1f}{r['tokens_per_forward']:>9.2f}"
-                     f"{r['tokens_per_second']:>10.1f}  {ops}")
+    for fam, fr in result["families"].items():
+        for m, r in fr["methods"].items():
+            agree = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
+            ops = " ".join(f"{op}={v:.2f}" for op, v in r["per_op"].items()) if len(r["per_op"]) > 1 else ""
+            lines.append(f"{fam:<7}{m:<18}{r['accuracy']:>9.3f}{agree:>8}{r['nfe']:>8.1f}"
+                         f"{r['tokens_per_forward']:>9.2f}{r['tokens_per_second']:>10.1f}  {ops}")
     return "\n".join(lines)
 
 
 def plot(result: dict, path: str | Path) -> Path:
-    """PNG scatter of accuracy against tokens/s, one labelled point per method."""
+    """PNG of accuracy against tokens/s, one panel per family, one labelled point per method."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fams = list(result["families"])
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.8), dpi=120, squeeze=False)
     markers = "osD^vP*X"
-    for i, (m, r) in enumerate(result["methods"].items()):
-        ax.scatter(r["tokens_per_second"], r["accuracy"], s=70, marker=markers[i % len(markers)],
-                   label=f"{m} (NFE {r['nfe']:.0f})", alpha=0.85)
-    ax.set_xlabel("tokens / s")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title(f"{Path(result['model']).name}: {result['n']} held-out problems, gen {result['gen_length']}",
-                 fontsize=9)
+    for ax, fam in zip(axes[0], fams):
+        fr = result["families"][fam]
+        for i, (m, r) in enumerate(fr["methods"].items()):
+            ax.scatter(r["tokens_per_second"], r["accuracy"], s=60, marker=markers[i % len(markers)],
+                       label=f"{m} (NFE {r['nfe']:.0f})", alpha=0.85)
+        ax.set_xlabel("tokens / s")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=7)
+        ax.set_title(f"{fam}: n {fr['n']}, gen {fr['gen_length']}", fontsize=9)
+    fig.suptitle(Path(result["model"]).name, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -158,8 +178,11 @@ def plot(result: dict, path: str | Path) -> Path:
 def _run(ns) -> int:
     from .pipeline import Pipeline
 
+    d_gen = EvalConfig().gen_length
     cfg = EvalConfig(methods=tuple(m.strip() for m in ns.methods.split(",") if m.strip()), n=ns.n,
-                     seed=ns.seed, gen_length=ns.gen_length, block_length=ns.block_length, steps=ns.steps,
+                     seed=ns.seed, gen_length=ns.gen_length or d_gen, block_length=ns.block_length, steps=ns.steps,
+                     families=tuple(f.strip() for f in ns.families.split(",") if f.strip()),
+                     natural_lengths=ns.gen_length is None,
                      threshold=ns.threshold, batch_size=ns.batch_size, chat=ns.chat)
     pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine)
     t0 = time.perf_counter()
@@ -184,7 +207,9 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {','.join(METHOD_PRESETS)}")
     p.add_argument("--n", type=int, default=d.n, help="number of held-out problems")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out problem stream")
-    p.add_argument("--gen-length", type=int, default=d.gen_length)
+    p.add_argument("--families", default=",".join(d.families), help="comma-separated task families (runtime/task.py)")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="one generation length for every family (default: each family's natural one)")
     p.add_argument("--block-length", type=int, default=d.block_length)
     p.add_argument("--steps", type=int, default=None, help="default: gen length")
     p.add_argument("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold of fast-dllm / es-dllm")

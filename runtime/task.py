@@ -1,51 +1,62 @@
-"""The synthetic task the embedded default models are trained and evaluated on.
+"""The synthetic task the embedded default models are trained and evaluated on: four families of
+letter-string problems with exact checkers, reported separately.
 
-Four list transformations on strings of letters, each with one exact answer of 16 to 32
-characters (the tiny models use a character-level tokenizer, so characters are tokens):
+    maps    "rot13: qwertyuiopasdfgh ->"  -> "djreglhvbcnfqstu"   one fixed answer per prompt: rot13,
+            atbash (a<->z), upper, double ("abc" -> "aabbcc"); 16-32 answer letters
+    perm    "perm: qwert ->"              -> "rtewq"              ANY permutation of the 4-12 distinct
+            letters: every answer letter is uncertain on its own, jointly constrained (no repeats)
+    chain   "chain: qwert ->"             -> "rtewq degjd"        a permutation, a space, then rot13 of
+            that permutation: the second half is unpredictable until the first half is decided
+    long    the four maps on 4 to 240 letters, answered in a 512-token canvas: answers of a few to a
+            few hundred tokens, with most of a long canvas EOS after an early answer
 
-    rot13     "rot13: qwertyuiopasdfgh ->"     -> "djreglhvbcnfqstu"      (16-32 letters)
-    atbash    "atbash: qwertyuiopasdfgh ->"    -> "jdvigbfrlkzhwuts"      (16-32 letters, a<->z, b<->y)
-    upper     "upper: qwertyuiopasdfgh ->"     -> "QWERTYUIOPASDFGH"      (16-32 letters)
-    double    "double: qwertyuio ->"           -> "qqwweerrttyyuuiioo"    (8-16 letters)
+The families are chosen so decoding methods can be told apart. In `maps` every answer token is a
+fixed function of one prompt letter, so a confident model may commit a whole block at once. In `perm`
+and `chain` several answers are right and mixing two of them is wrong ("New York" + "San Francisco"
+-> "New Francisco"): committing two uncertain tokens in one step, each from its own marginal, can
+repeat a letter or break the rot13 link, while one token a step (or a confidence threshold, which
+commits uncertain tokens one at a time) conditions each choice on the last. `long` is where suffix
+pruning and early exit pay: a short answer leaves hundreds of EOS positions behind it.
 
-Every prompt ends in " ->": a bidirectional model sees answer letters and prompt letters alike,
-so without a terminator it could not tell where the prompt stops once part of the answer is
-decoded. (Reversal, sorting and a Caesar cipher with a key in the prompt were tried first: a
-0.9M-parameter model needs several times the hour of 2-core CPU training this task is sized for
-to get them exactly right; the ops above all align answer item k with prompt item k through a
-fixed per-letter map, a circuit the tiny model forms within the budget.)
-
-A problem belongs to the held-out split iff a hash of its prompt says so, so training (which
-rejects held-out prompts) and evaluation (which draws only them) can never overlap, whatever
-their seeds. Generation is a pure function of (seed, index), so it is reproducible everywhere.
+Every prompt ends in " ->": a bidirectional model sees answer letters and prompt letters alike, so
+without a terminator it could not tell where the prompt stops. A problem belongs to the held-out
+split iff a hash of its prompt says so, so training (which rejects held-out prompts) and evaluation
+(which draws only them) never overlap. Generation is a pure function of (seed, split, family, index).
 """
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass
 
-OPS = ("rot13", "atbash", "upper", "double")
+MAP_OPS = ("rot13", "atbash", "upper", "double")
+FAMILIES = ("maps", "perm", "chain", "long")
+SHORT_FAMILIES = ("maps", "perm", "chain")  # answers that fit a 64-token canvas
+FAMILY_OPS = {"maps": MAP_OPS, "perm": ("perm",), "chain": ("chain",), "long": MAP_OPS}
+OPS = MAP_OPS + ("perm", "chain")
+# the generation length each family is evaluated at (its answers fit with room for EOS)
+NATURAL_GEN = {"maps": 64, "perm": 64, "chain": 64, "long": 512}
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Every character a prompt or an answer can hold: the tokenizer's alphabet.
 ALPHABET = LETTERS + LETTERS.upper() + "0123456789" + " :->"
 HELD_OUT_MOD = 16  # one prompt in 16 is held out
+LENGTHS = {  # letters per prompt (min, max)
+    "maps": (16, 32), "perm": (4, 12), "chain": (4, 8), "long": (4, 240)}
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One task instance: `prompt` is what the model sees, `answer` the one correct completion."""
+    """One task instance: `prompt` is what the model sees; `answer` is one correct completion (for
+    perm and chain one of many: `check` accepts every valid one)."""
 
     op: str
     prompt: str
     answer: str
+    family: str = "maps"
 
 
-def _letters(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
-
-
-def _solve(op: str, s: str) -> str:
+def _map(op: str, s: str) -> str:
     if op == "rot13":
         return "".join(LETTERS[(LETTERS.index(c) + 13) % 26] for c in s)
     if op == "atbash":
@@ -57,33 +68,63 @@ def _solve(op: str, s: str) -> str:
     raise ValueError(f"unknown task op {op!r}; expected one of {OPS}")
 
 
-def make_problem(rng: random.Random, op: str | None = None) -> Problem:
-    """One problem drawn with `rng` (any split); `op` None picks one of OPS uniformly."""
-    op = op or rng.choice(OPS)
-    if op not in OPS:
-        raise ValueError(f"unknown task op {op!r}; expected one of {OPS}")
-    s = _letters(rng, 8, 16) if op == "double" else _letters(rng, 16, 32)
-    return Problem(op, f"{op}: {s} ->", _solve(op, s))
+def _length(rng: random.Random, family: str, op: str) -> int:
+    lo, hi = LENGTHS[family]
+    if family == "long":  # log-uniform: as many short answers as long ones
+        n = int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))
+        return max(lo, min(hi, n)) // (2 if op == "double" else 1) or 1
+    if op == "double":
+        lo, hi = lo // 2, hi // 2
+    return rng.randint(lo, hi)
+
+
+def make_problem(rng: random.Random, op: str | None = None, family: str = "maps") -> Problem:
+    """One problem drawn with `rng` (any split); `op` None picks one of the family's ops uniformly."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+    op = op or rng.choice(FAMILY_OPS[family])
+    if op not in FAMILY_OPS[family]:
+        raise ValueError(f"unknown task op {op!r} for family {family!r}; expected one of {FAMILY_OPS[family]}")
+    n = _length(rng, family, op)
+    if op in ("perm", "chain"):
+        s = "".join(rng.sample(LETTERS, n))
+        p = "".join(rng.sample(s, n))  # one valid answer, drawn at random: training sees many
+        answer = p if op == "perm" else f"{p} {_map('rot13', p)}"
+    else:
+        s = "".join(rng.choice(LETTERS) for _ in range(n))
+        answer = _map(op, s)
+    return Problem(op, f"{op}: {s} ->", answer, family)
 
 
 def is_held_out(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % HELD_OUT_MOD == 0
 
 
-def problems(seed: int, n: int, split: str = "train", start: int = 0) -> list[Problem]:
-    """Problems start..start+n-1 of the stream for (seed, split); problem i depends only on (seed, split, i).
+def problems(seed: int, n: int, split: str = "train", start: int = 0,
+             family: str | tuple[str, ...] | None = None) -> list[Problem]:
+    """Problems start..start+n-1 of the stream for (seed, split, family); problem i depends only on those.
 
-    split "train" never yields a held-out prompt; split "heldout" yields only held-out prompts.
-    Ops cycle in order (problem i has op OPS[i % 4]) so every prefix of a stream is balanced.
+    family: one name, a tuple of names (problem i is of family[i % len]) or None (every family in
+    turn). Inside a family the ops cycle too, so every prefix of a stream is balanced. split "train"
+    never yields a held-out prompt; split "heldout" yields only held-out prompts.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
+    fams = FAMILIES if family is None else (family,) if isinstance(family, str) else tuple(family)
+    bad = [f for f in fams if f not in FAMILIES]
+    if bad or not fams:
+        raise ValueError(f"unknown task family {bad[0] if bad else '(none)'!r}; expected one of {FAMILIES}")
     want = split == "heldout"
     out = []
     for i in range(start, start + n):
-        rng = random.Random(f"esdllm-task:{seed}:{split}:{i}")  # str seeds are stable across runs
+        fam = fams[i % len(fams)]
+        ops = FAMILY_OPS[fam]
+        op = ops[(i // len(fams)) % len(ops)]
+        # str seeds are stable across runs; the maps family keeps its stream from before families
+        key = f"esdllm-task:{seed}:{split}:{i}" if fams == ("maps",) else f"esdllm-task:{seed}:{split}:{fam}:{i}"
+        rng = random.Random(key)
         while True:
-            p = make_problem(rng, OPS[i % len(OPS)])
+            p = make_problem(rng, op, fam)
             if is_held_out(p.prompt) == want:
                 out.append(p)
                 break
@@ -95,20 +136,49 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def check(completion: str, problem: Problem) -> bool:
-    """Exact match of the completion against the problem's answer (whitespace-normalised)."""
-    return normalize(completion) == normalize(problem.answer)
-
-
-def solve(prompt: str) -> str | None:
-    """The answer to a prompt in the task's format ("op: letters ->"), or None if it is not one."""
+def _parse(prompt: str) -> tuple[str, str] | None:
+    """(op, letters) of a prompt in the task's format ("op: letters ->"), else None."""
     op, sep, rest = prompt.strip().partition(": ")
     s = rest[:-3] if rest.endswith(" ->") else ""
     if not sep or op not in OPS or not s or any(c not in LETTERS for c in s):
         return None
-    return _solve(op, s)
+    if op in ("perm", "chain") and len(set(s)) != len(s):
+        return None
+    return op, s
+
+
+def _valid(op: str, s: str, text: str) -> bool:
+    if op in MAP_OPS:
+        return text == _map(op, s)
+    if op == "perm":
+        return sorted(text) == sorted(s)
+    first, sep, second = text.partition(" ")
+    return bool(sep) and sorted(first) == sorted(s) and second == _map("rot13", first)
+
+
+def grade(prompt: str, completion: str) -> bool | None:
+    """Whether `completion` answers a task-format prompt correctly (None: not a task prompt)."""
+    parsed = _parse(prompt)
+    return None if parsed is None else _valid(*parsed, normalize(completion))
+
+
+def check(completion: str, problem: Problem) -> bool:
+    """Whether the completion is a correct answer to the problem (whitespace-normalised; for perm and
+    chain any valid answer counts, checked for validity rather than against one string)."""
+    return bool(grade(problem.prompt, completion))
+
+
+def solve(prompt: str) -> str | None:
+    """One correct answer to a task-format prompt (perm / chain: the letters in prompt order), or None."""
+    parsed = _parse(prompt)
+    if parsed is None:
+        return None
+    op, s = parsed
+    return s if op == "perm" else f"{s} {_map('rot13', s)}" if op == "chain" else _map(op, s)
 
 
 def verify(problem: Problem) -> bool:
-    """Recompute the answer from the prompt alone: the checker's ground truth is not trusted blindly."""
-    return problem.prompt.partition(": ")[0] == problem.op and solve(problem.prompt) == problem.answer
+    """Recheck a problem from its prompt alone: the checker's ground truth is not trusted blindly."""
+    parsed = _parse(problem.prompt)
+    return (parsed is not None and parsed[0] == problem.op and problem.op in FAMILY_OPS[problem.family]
+            and _valid(*parsed, problem.answer))

@@ -50,14 +50,15 @@ class TrainConfig:
     family: str
     out: str
     seed: int = 0
-    steps: int = 7000
-    batch: int = 32
+    steps: int = 8000
+    batch: int = 64                        # at most this many sequences a step ...
+    tokens_per_step: int = 6144            # ... and about this many tokens (short canvases: more rows)
     lr: float = 2e-3
     warmup: int = 100
     min_lr_frac: float = 0.05
     weight_decay: float = 0.01
     dim: int = 128
-    n_layers: int = 4
+    n_layers: int = 6
     n_heads: int = 4
     n_kv_heads: int | None = None          # None: n_heads (LLaDA, MHA), n_heads // 2 (Dream, GQA)
     intermediate: int = 384
@@ -65,9 +66,13 @@ class TrainConfig:
     # frequencies that resolve distances under 100, and the task is all about exact positions
     rope_theta: float = 10000.0
     chat_frac: float = 0.4                 # share of batches rendered with the chat template
-    # response region per step, drawn uniformly: mostly the eval length, sometimes longer so the
-    # EOS padding generalises to the serving default (gen_length 128)
-    gen_lengths: tuple[int, ...] = (64, 64, 64, 64, 64, 64, 96, 128)
+    # task families and their share of the batches (runtime/task.py)
+    task_families: tuple[str, ...] = ("maps", "perm", "chain", "long")
+    family_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    # response region of a short-answer batch, drawn uniformly: mostly the eval length, sometimes
+    # long, so EOS padding generalises to long canvases (streaming / early-exit benchmarks)
+    gen_lengths: tuple[int, ...] = (64, 64, 64, 64, 64, 96, 128, 256, 512)
+    long_gen_lengths: tuple[int, ...] = (256, 384, 512, 512)  # the long family's (answers up to 240)
     mask_eps: float = 1e-3
     # share of sequences whose whole post-answer tail (end-of-turn + EOS padding) is masked on top
     # of the random mask: decoders that hold EOS back (ES-dLLM's delayed EOS) decode the answer
@@ -76,7 +81,7 @@ class TrainConfig:
     init_from: str | None = None           # start from this checkpoint's weights (a second stage)
     ckpt_every: int = 100
     val_every: int = 500
-    val_n: int = 48
+    val_n: int = 8                         # held-out problems per family at each validation
     dtype: str = "float32"                 # dtype of the saved checkpoint
     threads: int = 2
 
@@ -145,48 +150,29 @@ def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: 
     return (ce * weight[masked]).sum() / (B * R)
 
 
-@torch.no_grad()
-def decode_low_confidence(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          gen_length: int = 64, block_length: int = 32) -> torch.Tensor:
-    """Greedy LLaDA-style decode, one token a step, lowest-confidence remasking, block by block.
-
-    input_ids, attention_mask: [B, P] left-padded prompts -> generated ids [B, gen_length]. Used to
-    watch held-out accuracy during training without the serving runtime.
-    """
-    B, P = input_ids.shape
-    mask_id = model.args.mask_id
-    x = torch.cat([input_ids, torch.full((B, gen_length), mask_id)], 1)
-    am = torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype)], 1)
-    for b0 in range(0, gen_length, block_length):
-        for _ in range(block_length):
-            probs = model(x, am)[:, P:].float().softmax(-1)
-            conf, pred = probs.max(-1)
-            todo = x[:, P:] == mask_id
-            todo[:, :b0] = False
-            todo[:, b0 + block_length:] = False
-            conf = conf.masked_fill(~todo, -1.0)
-            j = conf.argmax(-1)
-            rows = torch.arange(B)
-            has = todo[rows, j]
-            x[rows[has], P + j[has]] = pred[rows[has], j[has]]
-    return x[:, P:]
+VAL_DECODE = dict(method="fast-dllm", cache="dual", threshold=0.9, block_length=32)
 
 
-def validate(model: Transformer, tok, args: ModelArgs, seed: int, n: int) -> dict[str, float]:
-    """Held-out exact-match accuracy per op (plain prompts) with decode_low_confidence."""
-    probs = task.problems(seed, n, split="heldout")
-    ids, am, _ = encode_batch(tok, probs, [False] * n, 64, args)
-    P = ids.shape[1] - 64
+def validate(model: Transformer, tok, args: ModelArgs, seed: int, n: int,
+             families: tuple[str, ...] = task.FAMILIES) -> dict[str, float]:
+    """Held-out accuracy per family (n problems each, plain prompts, each at its natural generation
+    length) through the runtime's one diffusion loop. Fast-dLLM dual cache + threshold 0.9 keeps it
+    cheap on long canvases; `esdllm eval` is the real measurement."""
+    from esdllm.runtime.config import DecodeConfig
+    from esdllm.runtime.generate import generate
+    from esdllm.runtime.tokenizer import decode_completion, stop_ids
+
     model.eval()
-    out = decode_low_confidence(model, ids[:, :P], am[:, :P])
+    stops = stop_ids(tok, args)
+    acc = {}
+    for fam in families:
+        probs = task.problems(seed, n, split="heldout", family=fam)
+        cfg = DecodeConfig(gen_length=task.NATURAL_GEN[fam], **VAL_DECODE)
+        out = generate(model, [encode_prompt(tok, p.prompt, chat=False) for p in probs], cfg, stop_ids=stops)
+        texts = [decode_completion(tok, row, stops)[0] for row in out.tokens.tolist()]
+        acc[fam] = sum(task.check(t, p) for t, p in zip(texts, probs)) / n
     model.train()
-    stops = {args.eos_id, args.eot_id}
-    hits: dict[str, list[bool]] = {op: [] for op in task.OPS}
-    for p, row in zip(probs, out.tolist()):
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        hits[p.op].append(task.check(tok.decode(row[:cut], skip_special_tokens=True), p))
-    acc = {op: sum(h) / max(len(h), 1) for op, h in hits.items()}
-    acc["all"] = sum(sum(h) for h in hits.values()) / n
+    acc["all"] = sum(acc.values()) / len(families)
     return acc
 
 
@@ -198,13 +184,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def step_batch(cfg: TrainConfig, tok, args: ModelArgs, step: int):
-    """The batch of `step`: a pure function of (seed, step)."""
+    """The batch of `step`: a pure function of (seed, step). One family and one response length per
+    batch (mixing them would pad every row to the longest); as many rows as fit tokens_per_step."""
     rng = random.Random(f"esdllm-train:{cfg.seed}:{step}")
-    gen_length = rng.choice(cfg.gen_lengths)
+    fam = rng.choices(cfg.task_families, weights=cfg.family_weights)[0]
+    gen_length = rng.choice(cfg.long_gen_lengths if fam == "long" else cfg.gen_lengths)
     # one format per batch: mixing them would pad every plain prompt to the chat length
-    chat = [rng.random() < cfg.chat_frac] * cfg.batch
-    probs = task.problems(cfg.seed, cfg.batch, split="train", start=step * cfg.batch)
-    return encode_batch(tok, probs, chat, gen_length, args)
+    chat = rng.random() < cfg.chat_frac
+    longest_prompt = 12 + task.LENGTHS[fam][1] + (40 if chat else 0)  # op name, letters, template
+    n = max(1, min(cfg.batch, cfg.tokens_per_step // (longest_prompt + gen_length)))
+    probs = task.problems(cfg.seed, n, split="train", start=step * cfg.batch, family=fam)
+    return encode_batch(tok, probs, [chat] * n, gen_length, args)
 
 
 def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | None:
@@ -263,7 +253,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(cfg, step):.2e}")
         done = step + 1
         if done % cfg.val_every == 0 or done == cfg.steps:
-            acc = validate(model, tok, args, cfg.seed + 1, cfg.val_n)
+            acc = validate(model, tok, args, cfg.seed + 1, cfg.val_n, cfg.task_families)
             history.append({"step": done, "loss": round(ema, 5), "val": {k: round(v, 4) for k, v in acc.items()},
                             "elapsed_s": round(time.time() - t0, 1)})
             log(json.dumps(history[-1]))
@@ -281,7 +271,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     bar.close()
     model.eval()
     save_model(model, out, dtype=cfg.dtype)
-    info = {"config": dataclasses.asdict(cfg), "task_ops": list(task.OPS),
+    info = {"config": dataclasses.asdict(cfg), "task_families": list(cfg.task_families),
             "params": sum(p.numel() for p in model.parameters()), "history": history}
     if prior is not None:
         info["init_from"] = prior  # the stage this run continued
@@ -294,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--family", required=True, choices=("llada", "dream"))
     p.add_argument("--out", required=True, help="checkpoint directory (created; resumes from its train_state.pt)")
     d = TrainConfig(family="llada", out="")
-    for f in ("seed", "steps", "batch", "lr", "dim", "n_layers", "n_heads", "intermediate", "rope_theta",
+    for f in ("seed", "steps", "batch", "tokens_per_step", "lr", "dim", "n_layers", "n_heads", "intermediate", "rope_theta",
               "chat_frac", "val_every", "ckpt_every"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     p.add_argument("--n-kv-heads", type=int, default=None)

@@ -48,7 +48,8 @@ def cli_result(tmp_path_factory):
     png = tmp_path_factory.mktemp("eval") / "eval.png"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["eval", "--model", str(MODEL), "--n", "8", "--batch-size", "8", "--json", "--plot", str(png)])
+        rc = main(["eval", "--model", str(MODEL), "--n", "8", "--batch-size", "8", "--json", "--plot", str(png),
+                   "--families", "maps"])
     assert rc == 0
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 1, "--json prints exactly one line"
@@ -58,25 +59,27 @@ def cli_result(tmp_path_factory):
 def test_eval_cli_json_on_the_committed_model(cli_result):
     res, png = cli_result
     assert res["n"] == 8 and res["split"] == "heldout" and res["family"] == "llada"
-    assert set(res["methods"]) == {"vanilla", "fast-dllm", "es-dllm"}
-    for name, m in res["methods"].items():
+    assert list(res["families"]) == ["maps"] and res["families"]["maps"]["gen_length"] == 64
+    methods = res["families"]["maps"]["methods"]
+    assert set(methods) == {"vanilla", "fast-dllm", "es-dllm"}
+    for name, m in methods.items():
         assert METHOD_KEYS <= m.keys(), name
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["token_agreement"] <= 1.0
         assert m["nfe"] > 0 and m["tokens_per_second"] > 0
-    assert res["methods"]["vanilla"]["token_agreement"] == 1.0
-    assert res["methods"]["vanilla"]["nfe"] == 64          # one token a step over gen length 64
+    assert methods["vanilla"]["token_agreement"] == 1.0
+    assert methods["vanilla"]["nfe"] == 64          # one token a step over gen length 64
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the committed model actually solves held-out problems (greedy, so this is a regression check
     # on the checkpoint; a numerics change may flip a close call, hence not 8/8)
-    for name, m in res["methods"].items():
+    for name, m in methods.items():
         assert m["accuracy"] >= 0.75, (name, m["accuracy"])
-    assert res["methods"]["es-dllm"]["nfe"] < 64 and res["methods"]["fast-dllm"]["nfe"] < 64
+    assert methods["es-dllm"]["nfe"] < 64 and methods["fast-dllm"]["nfe"] < 64
 
 
 def test_table_lists_every_method(cli_result):
     res, _ = cli_result
     table = E.format_table(res)
-    for name in res["methods"]:
+    for name in res["families"]["maps"]["methods"]:
         assert name in table
 
 
@@ -92,7 +95,7 @@ def test_committed_models_are_small_hf_checkpoints_that_answer(family):
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in d.iterdir()}
     assert sum(f.stat().st_size for f in d.iterdir()) < 25 * 2**20
     pipe = Pipeline.load(d)
-    probs = task.problems(77, 8, split="heldout")
+    probs = task.problems(77, 8, split="heldout", family="maps")
     for method in ("fast-dllm", "es-dllm"):
         res = pipe.generate([p.prompt for p in probs],
                             DecodeConfig(method=method, threshold=0.9, gen_length=64, block_length=32))
