@@ -8,9 +8,9 @@ tensorrt-rtx  TensorRT-RTX (package tensorrt-rtx-cu12) takes no Python plugins, 
               CPU ("CPU-only AOT"); loading the engine needs an RTX-class GPU (not Hopper).
 
 Both: a strongly typed network (the ONNX dtypes are the engine's dtypes), the ONNX parser, and one
-optimization profile: each input dim named after a profile axis (batch, rows, slots) takes that
-axis's (min, opt, max) from runtime.artifacts.profile_dims; shape-tensor inputs (keep counts, head
-bounds) take value ranges from the rows axis. TensorRT is imported lazily; a missing package raises
+optimization profile: each input dim named after a profile axis (batch, rows, slots, out, keep_i)
+takes that axis's (min, opt, max) from runtime.artifacts.profile_dims. The step graphs take no shape
+tensors: every size (the keep counts included) is the dim of an input. TensorRT is imported lazily; a missing package raises
 ImportError with the install line. The graph prepared for a backend is written next to the ONNX
 file (external weights resolve by relative path) and removed after the build.
 """
@@ -23,14 +23,13 @@ from pathlib import Path
 
 import onnx
 
-from ..runtime.trt_executor import trt_logger
+from ..runtime.trt_session import trt_logger
 from . import onnx_ops
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "tensorrt-rtx")
 ENGINE_SUFFIX = {"tensorrt": ".plan", "tensorrt-rtx": ".rtx.plan"}
-SIZE_OUTPUT_SUFFIX = "__rows"  # third output of token_gather nodes for TensorRT (the size tensor K)
 
 # one profile: {input name: (min shape, opt shape, max shape)}
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -77,18 +76,6 @@ def inline_for_rtx(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def add_size_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give each token_gather node the third output its plugin has (the size tensor K), in place.
-
-    QDPs take no shape inputs, so the plugin's row count is a data-dependent size tensor, and the
-    parser requires the node to list every plugin output.
-    """
-    for node in esdllm_nodes(model):
-        if node.op_type == "token_gather" and len(node.output) == 2:
-            node.output.append(node.output[1] + SIZE_OUTPUT_SUFFIX)
-    return model
-
-
 def set_plugin_modes(model: onnx.ModelProto, plugins: str) -> dict[str, str]:
     """Set the parser's `aot` attribute on every esdllm node, in place; return {op: "aot" | "jit"}.
 
@@ -120,7 +107,7 @@ def prepare_onnx(path: Path, backend: str, plugins: str = "jit") -> Path:
     weights stay where they are, referenced by relative path).
 
     tensorrt-rtx, or plugins="none": local functions inlined. tensorrt with plugins "aot" | "jit":
-    size outputs added and each node's `aot` attribute set.
+    each node's `aot` attribute set.
     """
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
@@ -129,7 +116,6 @@ def prepare_onnx(path: Path, backend: str, plugins: str = "jit") -> Path:
     if backend == "tensorrt-rtx" or plugins == "none":
         model, suffix = inline_for_rtx(model), f".{backend}.inlined.onnx"
     else:
-        add_size_outputs(model)
         set_plugin_modes(model, plugins)
         suffix = f".{backend}.{plugins}.onnx"
     out = path.with_name(path.name.removesuffix(".onnx") + suffix)
@@ -191,19 +177,9 @@ def check_profiles(inputs: dict[str, tuple[int, ...]], profiles: list[Profile], 
                                  f"got {tuple(lo)}, {tuple(opt)}, {tuple(hi)}")
 
 
-def shape_value_ranges(axes: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
-    """Value ranges of the step graphs' scalar inputs (build/graphs.io_spec) from the profile axes."""
-    lo, opt, hi = axes["rows"]
-    return {"head_start": (0, 0, hi), "head_stop": (lo, opt, hi), "keep": (1, max(1, opt // 2), hi)}
-
-
 def build_engine(trt, onnx_path: Path, profiles: list[Profile], backend: str, graph: str = "",
-                 aot: bool = False, shape_values: dict[str, tuple[int, int, int]] | None = None) -> bytes:
-    """Parse one prepared ONNX file into a strongly typed network and build a serialized engine.
-
-    shape_values: input name -> (min, opt, max) of every element, for the inputs TensorRT treats as
-    shape tensors (values that set shapes: keep counts feeding TopK, head slice bounds).
-    """
+                 aot: bool = False) -> bytes:
+    """Parse one prepared ONNX file into a strongly typed network and build a serialized engine."""
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -224,20 +200,13 @@ def build_engine(trt, onnx_path: Path, profiles: list[Profile], backend: str, gr
     config = builder.create_builder_config()
     if backend == "tensorrt" and hasattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03"):
         config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # cache_merge in place
-    shape_inputs = [t for t in (network.get_input(i) for i in range(network.num_inputs)) if t.is_shape_tensor]
-    unranged = [t.name for t in shape_inputs if t.name not in (shape_values or {})]
-    if unranged:
-        raise ValueError(f"graph {graph!r}: shape-tensor inputs {unranged} have no value range")
+    shape_inputs = [t.name for t in (network.get_input(i) for i in range(network.num_inputs)) if t.is_shape_tensor]
+    if shape_inputs:  # the contract's sizes are all input dims (runtime/contract.py)
+        raise ValueError(f"graph {graph!r}: inputs {shape_inputs} are shape tensors; the step graphs take none")
     for prof in profiles:
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.items():
             p.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-        for t in shape_inputs:
-            if -1 in tuple(t.shape):
-                raise ValueError(f"graph {graph!r}: shape-tensor input {t.name!r} must have a static shape, "
-                                 f"got {tuple(t.shape)}")
-            size = math.prod(t.shape)
-            p.set_shape_input(t.name, *([v] * size for v in shape_values[t.name]))
         config.add_optimization_profile(p)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -245,17 +214,17 @@ def build_engine(trt, onnx_path: Path, profiles: list[Profile], backend: str, gr
     return bytes(plan)
 
 
-def build_engines(onnx_paths: dict[str, Path], cfg, backend: str, out_dir: Path,
+def build_engines(onnx_paths: dict[str, Path], cfg, backend: str, out_dir: Path, n_prune: int,
                   progress: bool = True) -> dict[str, Path]:
     """Build one engine per graph. onnx_paths: graph name -> ONNX file; cfg: runtime.artifacts.BuildConfig
-    (profile axes from profile_dims(cfg), plugin mode cfg.plugins). Returns graph name -> engine file
-    out_dir/<graph><ENGINE_SUFFIX>."""
+    (profile axes from profile_dims(cfg, n_prune), plugin mode cfg.plugins). Returns graph name ->
+    engine file out_dir/<graph><ENGINE_SUFFIX>."""
     from ..runtime.artifacts import profile_dims
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; expected one of {BACKENDS}")
     trt = import_backend(backend)
-    axes = profile_dims(cfg)
+    axes = profile_dims(cfg, n_prune)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = None
@@ -271,8 +240,7 @@ def build_engines(onnx_paths: dict[str, Path], cfg, backend: str, out_dir: Path,
             prepared = prepare_onnx(Path(path), backend, cfg.plugins)
             try:
                 profile = profile_from_onnx(onnx.load(str(prepared), load_external_data=False), axes)
-                plan = build_engine(trt, prepared, [profile], backend, graph=name, aot=cfg.plugins == "aot",
-                                    shape_values=shape_value_ranges(axes))
+                plan = build_engine(trt, prepared, [profile], backend, graph=name, aot=cfg.plugins == "aot")
             finally:
                 prepared.unlink(missing_ok=True)
             engines[name] = out_dir / f"{name}{ENGINE_SUFFIX[backend]}"

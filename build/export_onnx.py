@@ -21,10 +21,12 @@ import onnx
 import torch
 from onnx import TensorProto, external_data_helper, numpy_helper
 
+from ..runtime import contract
+from ..runtime.artifacts import BuildConfig, EngineSpec, profile_dims
 from ..runtime.model import Transformer
+from ..runtime.weights import resolve_dtype
 from . import onnx_ops
-from ..runtime.artifacts import EngineSpec, BuildConfig, profile_dims
-from .graphs import TORCH_DTYPES, StepGraph, example_inputs, io_spec, routed_ops
+from .graphs import StepGraph, example_inputs
 
 WEIGHTS_FILE = "weights.bin"
 HF_DIR = "hf"
@@ -77,17 +79,21 @@ def export_variant(model: Transformer, variant: str, cfg: BuildConfig, prune_lay
                    out_path: Path, weights: SharedWeights) -> dict:
     """Write one variant's .onnx next to the shared weights; returns its engine.json entry."""
     graph = StepGraph(model, variant, prune_layers, cfg.alpha, cfg.dtype)
-    ins, outs = io_spec(variant, model.args, prune_layers, cfg.dtype)
+    ins, outs = contract.io_spec(variant, model.args, prune_layers, cfg.dtype)
     dynamic = {io["name"]: {i: d for i, d in enumerate(io["shape"]) if isinstance(d, str)}
                for io in ins + outs}
     example = example_inputs(graph, cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="esdllm-export-") as tmp:
         raw = Path(tmp) / f"{variant}.onnx"
-        with routed_ops(onnx_ops.OPSET), torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
             # Plan-driven Python branches are fixed per variant; the tracer says so for each one.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            # cache_merge's traced body scatters into its cache input in place; the node its symbolic
+            # writes is out of place and its output is the graph's merged cache, so dropping the
+            # body's mutation changes nothing
+            warnings.filterwarnings("ignore", message="ONNX Preprocess - Removing mutation from node aten::scatter_")
             torch.onnx.export(graph, example, str(raw), dynamo=False, opset_version=onnx_ops.OPSET,
                               input_names=graph.input_names, output_names=graph.output_names,
                               dynamic_axes=dynamic, custom_opsets={onnx_ops.DOMAIN: 1},
@@ -101,7 +107,7 @@ def export_variant(model: Transformer, variant: str, cfg: BuildConfig, prune_lay
     onnx.save(proto, str(out_path))
     onnx.checker.check_model(str(out_path), full_check=True)
     ops_used = sorted({n.op_type for n in proto.graph.node if n.domain == onnx_ops.DOMAIN})
-    dims = profile_dims(cfg)
+    dims = profile_dims(cfg, len(prune_layers))
     profile = {io["name"]: {k: [dims[d][j] if isinstance(d, str) else d for d in io["shape"]]
                             for j, k in enumerate(("min", "opt", "max"))}
                for io in ins if any(isinstance(d, str) for d in io["shape"])}
@@ -164,7 +170,7 @@ def export_artifacts(model: Transformer, cfg: BuildConfig, out_dir: str | Path,
     if "skip" in cfg.variants and not prune:
         raise ValueError(f"the ES-dLLM schedule {cfg.skip_proportions} at {cfg.skip_positions} prunes at no "
                          f"layer of this {args.n_layers}-layer model; pass --prune-layers or drop the skip variant")
-    model = model.to(TORCH_DTYPES[cfg.dtype]).eval()
+    model = model.to(resolve_dtype(cfg.dtype)).eval()
     weights = SharedWeights(out / WEIGHTS_FILE)
     variants = {}
     for name in cfg.variants:
@@ -215,7 +221,7 @@ def build_artifacts(model_dir: str | Path, out_dir: str | Path, cfg: BuildConfig
     if cfg.backend != "onnx":
         from .engine import build_engines  # TensorRT only when asked for
         onnx_paths = {name: out / v["file"] for name, v in spec.variants.items()}
-        engines = build_engines(onnx_paths, cfg, cfg.backend, out, progress=progress)
+        engines = build_engines(onnx_paths, cfg, cfg.backend, out, len(spec.prune_layers), progress=progress)
         spec.engines = {name: Path(p).name for name, p in engines.items()}
         spec.write()
     return spec

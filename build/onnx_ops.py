@@ -6,8 +6,9 @@ as attributes. A model-local FunctionProto of the same (domain, name) holds the 
 decomposition, so onnxruntime and TensorRT-RTX run the node without any plugin. The function bodies
 restate plugins/ops.py in standard opset-18 ops; tests check them against it.
 
-  token_gather(hidden, prev_hidden, confidence, bonus, k[1]) {alpha} -> sel [B,k] int64, kept [B,k,d]
-  partial_attention(q, k_new, v_new, rows, k_cache, v_cache, key_valid) -> out [B,H,n,hd]
+  token_gather(hidden, prev_hidden, confidence, bonus, keep_mask [B,k] bool) {alpha}
+      -> sel [B,k] int64 (n where dropped), kept [B,k,d]
+  partial_attention(q, k_cache, v_cache, key_valid) -> out [B,H,n,hd]
   cache_merge(cache, fresh, rows) {dim} -> merged cache (out of place)
 """
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import onnx
 from onnx import AttributeProto, FunctionProto, ModelProto, NodeProto, TensorProto, helper
 
-DOMAIN = "esdllm"           # ONNX domain of the op nodes and their local functions
-PLUGIN_NAMESPACE = "esdllm"  # TensorRT plugin namespace (node attribute plugin_namespace)
-OPSET = 18                   # default-domain opset of graphs and function bodies
-IR_VERSION = 10              # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
-OP_NAMES = ("token_gather", "partial_attention", "cache_merge")
+from ..plugins.ops import NAMESPACE, OP_NAMES
+
+DOMAIN = NAMESPACE            # ONNX domain of the op nodes and their local functions
+PLUGIN_NAMESPACE = NAMESPACE  # TensorRT plugin namespace (node attribute plugin_namespace)
+OPSET = 18                    # default-domain opset of graphs and function bodies
+IR_VERSION = 10               # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
 
 # Op signatures, one table shared by the node builder, the torch symbolics and the plugin authors.
 SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, int]]] = {
-    "token_gather": (("hidden", "prev_hidden", "confidence", "bonus", "k"), ("sel", "kept"),
+    "token_gather": (("hidden", "prev_hidden", "confidence", "bonus", "keep_mask"), ("sel", "kept"),
                      {"alpha": AttributeProto.FLOAT}),
-    "partial_attention": (("q", "k_new", "v_new", "rows", "k_cache", "v_cache", "key_valid"), ("out",), {}),
+    "partial_attention": (("q", "k_cache", "v_cache", "key_valid"), ("out",), {}),
     "cache_merge": (("cache", "fresh", "rows"), ("merged",), {"dim": AttributeProto.INT}),
 }
 
@@ -69,8 +71,10 @@ def _function(name: str, nodes: list[NodeProto], doc: str) -> FunctionProto:
 
 
 def token_gather_function() -> FunctionProto:
-    """Importance I = alpha*c + (1-alpha)*var/max(max var, 1) + bonus (plugins/ops.importance), top-k
-    (ties to the lower index, as ONNX TopK specifies), indices re-sorted ascending, rows gathered."""
+    """Importance I = alpha*c + (1-alpha)*var/max(max var, 1) + bonus (plugins/ops.importance), top-k with
+    k = keep_mask's width (ties to the lower index, as ONNX TopK specifies), indices re-sorted ascending
+    (the second TopK's indices are each row's score rank), rows gathered, and rows whose rank the
+    entry's keep_mask drops replaced by n."""
     f = TensorProto.FLOAT
     nodes = [
         _n("Cast", ["hidden"], ["hf"], to=f), _n("Cast", ["prev_hidden"], ["pf"], to=f),
@@ -88,35 +92,35 @@ def token_gather_function() -> FunctionProto:
         _n("Cast", ["confidence"], ["cf"], to=f), _n("Cast", ["bonus"], ["bf"], to=f),
         _n("Mul", ["alpha_c", "cf"], ["t1"]), _n("Mul", ["beta", "var"], ["t2"]),
         _n("Add", ["t1", "t2"], ["t12"]), _n("Add", ["t12", "bf"], ["score"]),
+        _n("Shape", ["keep_mask"], ["k"], start=1, end=2),
         _n("TopK", ["score", "k"], ["top_v", "order"], axis=-1, largest=1, sorted=1),
-        _n("TopK", ["order", "k"], ["sel", "sel_i"], axis=-1, largest=0, sorted=1),
-        _n("Unsqueeze", ["sel", "last"], ["sel3"]),
-        _n("Shape", ["sel"], ["sel_shape"]), _n("Shape", ["hidden"], ["d_shape"], start=-1),
-        _n("Concat", ["sel_shape", "d_shape"], ["g_shape"], axis=0),
-        _n("Expand", ["sel3", "g_shape"], ["gidx"]),
+        _n("TopK", ["order", "k"], ["top", "rank"], axis=-1, largest=0, sorted=1),
+        _n("Unsqueeze", ["top", "last"], ["top3"]),
+        _n("Shape", ["top"], ["top_shape"]), _n("Shape", ["hidden"], ["d_shape"], start=-1),
+        _n("Concat", ["top_shape", "d_shape"], ["g_shape"], axis=0),
+        _n("Expand", ["top3", "g_shape"], ["gidx"]),
         _n("GatherElements", ["hidden", "gidx"], ["kept"], axis=1),
+        _n("GatherElements", ["keep_mask", "rank"], ["own"], axis=1),
+        _n("Shape", ["hidden"], ["n_shape"], start=1, end=2), _n("Squeeze", ["n_shape"], ["n_rows"]),
+        _n("Where", ["own", "top", "n_rows"], ["sel"]),
     ]
     return _function("token_gather", nodes, token_gather_function.__doc__)
 
 
 def partial_attention_function() -> FunctionProto:
-    """Scatter the rows' fresh K/V over a copy of the cache, repeat KV heads for GQA
-    (head h reads KV head h // (H / Hkv)), masked softmax attention in float32."""
+    """Repeat KV heads for GQA (head h reads KV head h // (H / Hkv)), masked softmax attention of the
+    queries over the cached canvas in float32."""
     f = TensorProto.FLOAT
     nodes = [
-        _c("ax13", [1, 3]), _c("ax2", [2]),
-        _n("Unsqueeze", ["rows", "ax13"], ["r4"]), _n("Shape", ["k_new"], ["new_shape"]),
-        _n("Expand", ["r4", "new_shape"], ["ridx"]),
-        _n("ScatterElements", ["k_cache", "ridx", "k_new"], ["keys"], axis=2),
-        _n("ScatterElements", ["v_cache", "ridx", "v_new"], ["vals"], axis=2),
+        _c("ax2", [2]),
         _n("Shape", ["k_cache"], ["B"], start=0, end=1), _n("Shape", ["k_cache"], ["Hkv"], start=1, end=2),
         _n("Shape", ["k_cache"], ["S"], start=2, end=3), _n("Shape", ["k_cache"], ["hd"], start=3, end=4),
         _n("Shape", ["q"], ["H"], start=1, end=2), _n("Div", ["H", "Hkv"], ["G"]),
         _n("Concat", ["B", "Hkv", "G", "S", "hd"], ["shape5"], axis=0),
         _n("Concat", ["B", "H", "S", "hd"], ["shape4"], axis=0),
-        _n("Unsqueeze", ["keys", "ax2"], ["k5"]), _n("Expand", ["k5", "shape5"], ["k5e"]),
+        _n("Unsqueeze", ["k_cache", "ax2"], ["k5"]), _n("Expand", ["k5", "shape5"], ["k5e"]),
         _n("Reshape", ["k5e", "shape4"], ["kh"]), _n("Cast", ["kh"], ["khf"], to=f),
-        _n("Unsqueeze", ["vals", "ax2"], ["v5"]), _n("Expand", ["v5", "shape5"], ["v5e"]),
+        _n("Unsqueeze", ["v_cache", "ax2"], ["v5"]), _n("Expand", ["v5", "shape5"], ["v5e"]),
         _n("Reshape", ["v5e", "shape4"], ["vh"]), _n("Cast", ["vh"], ["vhf"], to=f),
         _n("Cast", ["q"], ["qf"], to=f),
         _n("Cast", ["hd"], ["hd_f"], to=f), _n("Sqrt", ["hd_f"], ["sqrt_hd"]),
@@ -169,7 +173,7 @@ def single_op_model(op: str, inputs: list[tuple[str, int, list]], **attrs) -> Mo
     list) per input; outputs are named after the op signature, with symbolic dims."""
     _, outs, _ = SIGNATURES[op]
     node = make_node(op, [i[0] for i in inputs], list(outs), **attrs)
-    dtype, rank = inputs[0][1], len(inputs[0][2])
+    dtype, rank = inputs[0][1], len(inputs[0][2])  # the first input sets the float outputs' type
     out_types = [(TensorProto.INT64, 2), (dtype, 3)] if op == "token_gather" else [(dtype, rank)]
     graph = helper.make_graph(
         [node], f"esdllm_{op}",

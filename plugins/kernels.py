@@ -1,68 +1,48 @@
 """OpenAI Triton kernels for the three esdllm ops, with wrappers that take plugins/ops.py's signatures.
 
 token_gather      two launches: per-row variation (parallel over rows), then top-k selection fused with
-                  the row gather (parallel over feature slices; each program re-derives the selection)
-partial_attention flash-style online softmax over the whole canvas; fresh rows override cached ones
-                  through a slot -> fresh-row map (the cache is never copied); GQA; key padding mask
-cache_merge       in-place scatter of rows by slot along dim 1 ([B, S, d]) or dim 2 ([B, H, S, hd])
+                  the row gather and the per-row keep mask (parallel over feature slices; each program
+                  re-derives the selection)
+partial_attention flash-style online softmax of the rows' queries over the whole cached canvas (fresh
+                  rows were merged into the cache before); GQA; key padding mask
+cache_merge       in-place scatter of rows by slot along dim 1 ([B, S, d]) or dim 2 ([B, H, S, hd]);
+                  _cache_merge_aot is the same body behind TensorRT's AOT launcher (trt_plugins.py)
 
-Triton is optional: this module imports without it (triton is imported on the first kernel call) and a
-wrapper then raises ImportError. For the CPU interpreter set TRITON_INTERPRET=1 before triton is first
-imported by anyone: triton fixes the mode of its own library functions (tl.sum, ...) at import.
+Triton is optional: without it this module still imports and a wrapper raises ImportError. Import it
+lazily, after TRITON_INTERPRET is set when the CPU interpreter is wanted: triton fixes the mode of
+its own library functions (tl.sum, ...) at its first import, and the kernels here are jitted then.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import math
-import os
 
 import torch
 from torch import Tensor
 
-# Imported on first use (load_triton), not here, so that the package imports without triton and a caller can
-# still set TRITON_INTERPRET after importing this module.
-triton = tl = None
-_INTERPRET = False
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels stay plain functions; every wrapper says what is missing
+    triton = tl = None
 
 
 def available() -> bool:
     """True when triton is installed (kernels still need CUDA tensors or TRITON_INTERPRET=1)."""
-    return triton is not None or importlib.util.find_spec("triton") is not None
+    return triton is not None
 
 
-def load_triton():
-    """Import triton once and bind `triton`/`tl` here, where the kernel bodies look them up.
-
-    Call it before jitting one of this module's kernel bodies elsewhere (plugins/trt_plugins.py does).
-    """
-    global triton, tl, _INTERPRET
-    if triton is None:
-        try:
-            import triton as triton_mod
-            import triton.language as tl_mod
-        except ImportError as e:
-            raise ImportError("esdllm.plugins.kernels needs the `triton` package "
-                              "(pip install 'esdllm[kernels]')") from e
-        # the mode triton's own library was jitted in at its import; ours must match it
-        lib_interpreted = not isinstance(tl_mod.sum, triton_mod.runtime.jit.JITFunction)
-        if lib_interpreted != bool(triton_mod.knobs.runtime.interpret):
-            raise RuntimeError(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} now, but triton was "
-                               f"imported with interpreter={lib_interpreted}: set it before triton's first import")
-        _INTERPRET = lib_interpreted
-        triton, tl = triton_mod, tl_mod
-    return triton
-
-
-@functools.cache
 def _jit(fn):
-    """Kernel `fn` jitted on first use (the kernel bodies find `tl` among this module's globals)."""
-    return load_triton().jit(fn)
+    return triton.jit(fn) if triton is not None else fn
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise ImportError("esdllm.plugins.kernels needs the `triton` package (pip install 'esdllm[kernels]')")
 
 
 def _interpreting() -> bool:
-    return load_triton() is not None and _INTERPRET
+    return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
 def _on(t: Tensor):
@@ -78,6 +58,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 # token_gather
 # ---------------------------------------------------------------------------------------------
 
+@_jit
 def _variation_kernel(H, P, VAR, N, D, sh_b, sh_n, sh_d, sp_b, sp_n, sp_d, d_f, sqrt_d,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """VAR[b, i] = mean_d |h - p| / (||p||_2 / sqrt(d) + 1e-6), unnormalised; one row block per program."""
@@ -99,13 +80,15 @@ def _variation_kernel(H, P, VAR, N, D, sh_b, sh_n, sh_d, sp_b, sp_n, sp_d, d_f, 
     tl.store(VAR + b * N + rows, var, mask=r_in)
 
 
-def _select_gather_kernel(VAR, CONF, BONUS, H, SEL, KEPT, N, D, K, alpha, one_minus_alpha,
+@_jit
+def _select_gather_kernel(VAR, CONF, BONUS, MASK, H, SEL, KEPT, N, D, K, alpha, one_minus_alpha,
                           sh_b, sh_n, sh_d, sk_b, sk_n, sk_d,
                           BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Top-k of the importance score per batch row, gathering one feature slice of the kept rows.
 
     rank_i = #{j : s_j > s_i} + #{j < i : s_j == s_i} is i's place in a stable descending sort, so
-    keep = rank < K; the output slot of a kept row is the number of kept rows before it (ascending).
+    keep = rank < K; the output slot of a kept row is the number of kept rows before it (ascending),
+    and SEL holds N there when MASK[b, rank] is False (dropped by the entry's own keep count).
     Every program of a batch row derives the same selection (O(n^2) compares, cheap for n of a few
     hundred); the d-slice-0 program writes SEL.
     """
@@ -141,30 +124,32 @@ def _select_gather_kernel(VAR, CONF, BONUS, H, SEL, KEPT, N, D, K, alpha, one_mi
         pos = base + tl.cumsum(keep_i, axis=0) - 1
         pos = tl.where(keep, pos, 0)
         if pid_d == 0:
-            tl.store(SEL + b * K + pos, i.to(tl.int64), mask=keep)
+            own = tl.load(MASK + b * K + rank, mask=keep, other=0) != 0
+            tl.store(SEL + b * K + pos, tl.where(own, i, N).to(tl.int64), mask=keep)
         m = keep[:, None] & c_in[None, :]
         rows = tl.load(H + b * sh_b + i[:, None] * sh_n + cols[None, :] * sh_d, mask=m, other=0)
         tl.store(KEPT + b * sk_b + pos[:, None] * sk_n + cols[None, :] * sk_d, rows, mask=m)
         base += tl.sum(keep_i, axis=0)
 
 
-def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus: Tensor,
-                 alpha: float, k: int) -> tuple[Tensor, Tensor]:
-    """Kernel twin of ops.token_gather: sel [B, k] int64 ascending, kept [B, k, d] in hidden's dtype.
+def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus: Tensor, keep_mask: Tensor,
+                 alpha: float) -> tuple[Tensor, Tensor]:
+    """Kernel twin of ops.token_gather: sel [B, k] int64 ascending (n where dropped), kept [B, k, d].
 
-    hidden, prev_hidden: [B, n, d]; confidence, bonus: [B, n]. Scores are fp32 as in ops.importance;
-    they can differ from the reference in the last bit (reduction order), which only matters for
-    near-ties closer than that.
+    hidden, prev_hidden: [B, n, d]; confidence, bonus: [B, n]; keep_mask: [B, k] bool. Scores are fp32
+    as in ops.importance; they can differ from the reference in the last bit (reduction order), which
+    only matters for near-ties closer than that.
     """
-    load_triton()
+    _need_triton()
     if hidden.dim() != 3 or prev_hidden.shape != hidden.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and prev_hidden {tuple(prev_hidden.shape)} "
                          "must both be [B, n, d]")
     B, n, d = hidden.shape
     if confidence.shape != (B, n) or bonus.shape != (B, n):
         raise ValueError(f"confidence {tuple(confidence.shape)} and bonus {tuple(bonus.shape)} must be [{B}, {n}]")
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} must be in [0, n={n}]")
+    if keep_mask.dim() != 2 or keep_mask.shape[0] != B or keep_mask.shape[1] > n:
+        raise ValueError(f"keep_mask {tuple(keep_mask.shape)} must be [{B}, k] with k <= n = {n}")
+    k = keep_mask.shape[1]
     sel = torch.empty(B, k, dtype=torch.int64, device=hidden.device)
     kept = torch.empty(B, k, d, dtype=hidden.dtype, device=hidden.device)
     if B == 0 or k == 0 or d == 0:
@@ -174,13 +159,13 @@ def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus:
     block_d = min(_pow2(d), 128)
     block = min(_pow2(n), 64)
     with _on(hidden):
-        _jit(_variation_kernel)[(B, triton.cdiv(n, block_r))](
+        _variation_kernel[(B, triton.cdiv(n, block_r))](
             hidden, prev_hidden, var, n, d, *hidden.stride(), *prev_hidden.stride(), float(d), math.sqrt(d),
             BLOCK_R=block_r, BLOCK_D=block_d)
         # alpha and 1 - alpha both rounded from float64, as torch does with the Python scalars
-        _jit(_select_gather_kernel)[(B, triton.cdiv(d, block_d))](
-            var, confidence.contiguous(), bonus.contiguous(), hidden, sel, kept, n, d, k,
-            float(alpha), 1.0 - float(alpha), *hidden.stride(), *kept.stride(),
+        _select_gather_kernel[(B, triton.cdiv(d, block_d))](
+            var, confidence.contiguous(), bonus.contiguous(), keep_mask.contiguous().to(torch.uint8), hidden,
+            sel, kept, n, d, k, float(alpha), 1.0 - float(alpha), *hidden.stride(), *kept.stride(),
             BLOCK_I=block, BLOCK_J=block, BLOCK_D=block_d)
     return sel, kept
 
@@ -189,18 +174,10 @@ def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus:
 # partial_attention
 # ---------------------------------------------------------------------------------------------
 
-def _slot_map_kernel(ROWS, SLOT, N, S, BLOCK: tl.constexpr):
-    """SLOT[b, rows[b, j]] = j: which fresh row (if any) overrides each canvas slot."""
-    b = tl.program_id(0)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    r = tl.load(ROWS + b * N + j, mask=j < N, other=-1)
-    tl.store(SLOT + b * S + r, j.to(tl.int32), mask=(j < N) & (r >= 0) & (r < S))
-
-
-def _attention_kernel(Q, KN, VN, KC, VC, SLOT, VALID, O,
-                      sq_b, sq_h, sq_n, sq_d, skn_b, skn_h, skn_n, skn_d, svn_b, svn_h, svn_n, svn_d,
-                      skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d, so_b, so_h, so_n, so_d,
-                      H, N, S, HD, qk_scale,
+@_jit
+def _attention_kernel(Q, KC, VC, VALID, O,
+                      sq_b, sq_h, sq_n, sq_d, skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
+                      so_b, so_h, so_n, so_d, H, N, S, HD, qk_scale,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
     """One block of query rows of one head against all S slots; fp32 softmax statistics and accumulator."""
@@ -223,27 +200,16 @@ def _attention_kernel(Q, KN, VN, KC, VC, SLOT, VALID, O,
     for n0 in range(0, S, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_in = offs_n < S
-        fresh = tl.load(SLOT + b * S + offs_n, mask=n_in, other=-1)
-        use_new = fresh >= 0
-        use_old = n_in & (fresh < 0)
-        f = tl.where(use_new, fresh, 0)
-        md_new = use_new[:, None] & d_in[None, :]
-        md_old = use_old[:, None] & d_in[None, :]
-        k_old = tl.load(KC + b * skc_b + hk * skc_h + offs_n[:, None] * skc_s + offs_d[None, :] * skc_d,
-                        mask=md_old, other=0)
-        k_new = tl.load(KN + b * skn_b + hk * skn_h + f[:, None] * skn_n + offs_d[None, :] * skn_d,
-                        mask=md_new, other=0)
-        v_old = tl.load(VC + b * svc_b + hk * svc_h + offs_n[:, None] * svc_s + offs_d[None, :] * svc_d,
-                        mask=md_old, other=0)
-        v_new = tl.load(VN + b * svn_b + hk * svn_h + f[:, None] * svn_n + offs_d[None, :] * svn_d,
-                        mask=md_new, other=0)
+        md = n_in[:, None] & d_in[None, :]
+        k = tl.load(KC + b * skc_b + hk * skc_h + offs_n[:, None] * skc_s + offs_d[None, :] * skc_d,
+                    mask=md, other=0)
+        v = tl.load(VC + b * svc_b + hk * svc_h + offs_n[:, None] * svc_s + offs_d[None, :] * svc_d,
+                    mask=md, other=0)
         if DOT_FP32:
-            k = tl.where(use_new[:, None], k_new.to(tl.float32), k_old.to(tl.float32))
-            v = tl.where(use_new[:, None], v_new.to(tl.float32), v_old.to(tl.float32))
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            k = tl.where(use_new[:, None], k_new, k_old)
-            v = tl.where(use_new[:, None], v_new, v_old)
             s = tl.dot(q, tl.trans(k))
         valid = tl.load(VALID + b * S + offs_n, mask=n_in, other=0) != 0
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -263,44 +229,36 @@ def _attention_kernel(Q, KN, VN, KC, VC, SLOT, VALID, O,
              mask=m_in[:, None] & d_in[None, :])
 
 
-def partial_attention(q: Tensor, k_new: Tensor, v_new: Tensor, rows: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, key_valid: Tensor) -> Tensor:
+def partial_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor) -> Tensor:
     """Kernel twin of ops.partial_attention.
 
-    q: [B, H, n, hd]; k_new, v_new: [B, Hkv, n, hd]; rows: [B, n] int canvas slots (unique among valid
-    slots; duplicates may only point at masked slots, e.g. the trash slot); k_cache, v_cache:
-    [B, Hkv, S, hd]; key_valid: [B, S] bool. Returns [B, H, n, hd] in q's dtype. Scale 1/sqrt(hd).
-    A query row with no valid key returns zeros.
+    q: [B, H, n, hd]; k_cache, v_cache: [B, Hkv, S, hd]; key_valid: [B, S] bool. Returns [B, H, n, hd]
+    in q's dtype. Scale 1/sqrt(hd). A query row with no valid key returns zeros.
     """
-    load_triton()
+    _need_triton()
     B, H, n, hd = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    if k_new.shape != (B, Hkv, n, hd) or v_new.shape != k_new.shape:
-        raise ValueError(f"k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} must be [{B}, {Hkv}, {n}, {hd}]")
     if k_cache.shape != (B, Hkv, S, hd) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} must match [B, Hkv, S, hd]")
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} must be "
+                         f"[{B}, Hkv, S, {hd}] for q {tuple(q.shape)}")
     if H % Hkv:
         raise ValueError(f"query heads H={H} must be a multiple of kv heads Hkv={Hkv}")
-    if rows.shape != (B, n) or key_valid.shape != (B, S):
-        raise ValueError(f"rows {tuple(rows.shape)} must be [{B}, {n}] and key_valid {tuple(key_valid.shape)} [{B}, {S}]")
+    if key_valid.shape != (B, S):
+        raise ValueError(f"key_valid {tuple(key_valid.shape)} must be [{B}, {S}]")
     # the interpreter (numpy has no bf16) truncates fp32 -> bf16 and gets bf16 dots wrong: there the
     # kernel works and writes in fp32 and torch rounds the result; compiled kernels are unaffected
     interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
     out = torch.empty(B, H, n, hd, dtype=torch.float32 if interp_bf16 else q.dtype, device=q.device)
     if out.numel() == 0:
         return out.to(q.dtype)
-    slot = torch.full((B, S), -1, dtype=torch.int32, device=q.device)
     valid = key_valid.contiguous().to(torch.uint8)
     dot_fp32 = q.dtype == torch.float32 or interp_bf16
-    block_r = min(_pow2(n), 128)
     block_d = _pow2(hd)
     block_m = min(_pow2(n), 64)
     block_n = 32 if (dot_fp32 and block_d > 64) else 64
     with _on(q):
-        _jit(_slot_map_kernel)[(B, triton.cdiv(n, block_r))](rows.contiguous(), slot, n, S, BLOCK=block_r)
-        _jit(_attention_kernel)[(triton.cdiv(n, block_m), B * H)](
-            q, k_new, v_new, k_cache, v_cache, slot, valid, out,
-            *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        _attention_kernel[(triton.cdiv(n, block_m), B * H)](
+            q, k_cache, v_cache, valid, out, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
             H, n, S, hd, (1.0 / math.sqrt(hd)) * math.log2(math.e),
             GROUP=H // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=dot_fp32,
             num_warps=4)
@@ -311,6 +269,7 @@ def partial_attention(q: Tensor, k_new: Tensor, v_new: Tensor, rows: Tensor,
 # cache_merge
 # ---------------------------------------------------------------------------------------------
 
+@_jit
 def _merge_kernel(C, F, ROWS, P, N, S, D, sc_b, sc_p, sc_s, sc_d, sf_b, sf_p, sf_n, sf_d,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """C[b, p, rows[b, j], :] = F[b, p, j, :] for a block of j and a slice of the last dim (a pure copy)."""
@@ -333,7 +292,7 @@ def cache_merge(cache: Tensor, fresh: Tensor, rows: Tensor, dim: int) -> Tensor:
     rows: [B, n] int slots in [0, S) (out-of-range slots are skipped). With duplicate slots (e.g. the
     trash slot), which row lands there is unspecified, as for torch's scatter_.
     """
-    load_triton()
+    _need_triton()
     if (dim, cache.dim()) not in ((1, 3), (2, 4)):
         raise ValueError(f"dim={dim} with a {cache.dim()}-d cache: need dim=1 with [B, S, d] or dim=2 with [B, H, S, hd]")
     if fresh.dim() != cache.dim() or rows.dim() != 2 or rows.shape[1] != fresh.shape[dim] \
@@ -353,7 +312,15 @@ def cache_merge(cache: Tensor, fresh: Tensor, rows: Tensor, dim: int) -> Tensor:
     block_r = min(_pow2(n), 16)
     block_d = min(_pow2(D), 256)
     with _on(cache):
-        _jit(_merge_kernel)[(B * P, triton.cdiv(n, block_r), triton.cdiv(D, block_d))](
+        _merge_kernel[(B * P, triton.cdiv(n, block_r), triton.cdiv(D, block_d))](
             c4, f4, rows.contiguous(), P, n, S, D, *c4.stride(), *f4.stride(),
             BLOCK_R=block_r, BLOCK_D=block_d)
     return cache
+
+
+@_jit
+def _cache_merge_aot(C, F, ROWS, P, N, S, D, sc_b, sc_p, sc_s, sc_d, sf_b, sf_p, sf_n, sf_d, OUT,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cache_merge through TensorRT's AOT launcher: (cache, fresh, rows, <int32 scalars>, merged), where
+    TensorRT aliases `merged` to `cache` (trt_plugins.py compiles this entry to PTX)."""
+    _merge_kernel(C, F, ROWS, P, N, S, D, sc_b, sc_p, sc_s, sc_d, sf_b, sf_p, sf_n, sf_d, BLOCK_R, BLOCK_D)

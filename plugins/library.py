@@ -32,9 +32,10 @@ def _cuda_impl(name: str):
     return getattr(kernels, name)
 
 
-def _check_k(hidden: Tensor, k: int) -> None:
-    if not 0 <= k <= hidden.shape[1]:
-        raise ValueError(f"k={k} must be in [0, n={hidden.shape[1]}] for hidden of shape {tuple(hidden.shape)}")
+def _check_keep(hidden: Tensor, keep_mask: Tensor) -> None:
+    if keep_mask.dim() != 2 or keep_mask.shape[0] != hidden.shape[0] or keep_mask.shape[1] > hidden.shape[1]:
+        raise ValueError(f"keep_mask {tuple(keep_mask.shape)} must be [B, k] with k <= n for hidden of shape "
+                         f"{tuple(hidden.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,24 +43,25 @@ def _check_k(hidden: Tensor, k: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("esdllm::token_gather", mutates_args=())
-def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus: Tensor,
-                 alpha: float, k: int) -> tuple[Tensor, Tensor]:
-    """ops.token_gather: hidden, prev_hidden [B, n, d]; confidence, bonus [B, n] -> sel [B, k] int64, kept [B, k, d]."""
-    _check_k(hidden, k)
-    return ops.token_gather(hidden, prev_hidden, confidence, bonus, alpha, k)
+def token_gather(hidden: Tensor, prev_hidden: Tensor, confidence: Tensor, bonus: Tensor, keep_mask: Tensor,
+                 alpha: float) -> tuple[Tensor, Tensor]:
+    """ops.token_gather: hidden, prev_hidden [B, n, d]; confidence, bonus [B, n]; keep_mask [B, k] bool
+    -> sel [B, k] int64 (n where dropped), kept [B, k, d]."""
+    _check_keep(hidden, keep_mask)
+    return ops.token_gather(hidden, prev_hidden, confidence, bonus, keep_mask, alpha)
 
 
 @token_gather.register_kernel("cuda")
-def _(hidden, prev_hidden, confidence, bonus, alpha, k):
-    _check_k(hidden, k)
-    return _cuda_impl("token_gather")(hidden, prev_hidden, confidence, bonus, alpha, k)
+def _(hidden, prev_hidden, confidence, bonus, keep_mask, alpha):
+    _check_keep(hidden, keep_mask)
+    return _cuda_impl("token_gather")(hidden, prev_hidden, confidence, bonus, keep_mask, alpha)
 
 
 @token_gather.register_fake
-def _(hidden, prev_hidden, confidence, bonus, alpha, k):
+def _(hidden, prev_hidden, confidence, bonus, keep_mask, alpha):
     # no k <= n check here: with a symbolic n it would add a guard to the exported graph
-    B, _, d = hidden.shape
-    return hidden.new_empty(B, k, dtype=torch.int64), hidden.new_empty(B, k, d)
+    B, k = keep_mask.shape
+    return hidden.new_empty(B, k, dtype=torch.int64), hidden.new_empty(B, k, hidden.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,21 +69,20 @@ def _(hidden, prev_hidden, confidence, bonus, alpha, k):
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("esdllm::partial_attention", mutates_args=())
-def partial_attention(q: Tensor, k_new: Tensor, v_new: Tensor, rows: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, key_valid: Tensor) -> Tensor:
-    """ops.partial_attention: q [B, H, n, hd], k_new/v_new [B, Hkv, n, hd], rows [B, n],
-    k_cache/v_cache [B, Hkv, S, hd], key_valid [B, S] bool -> [B, H, n, hd] in q's dtype."""
+def partial_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_valid: Tensor) -> Tensor:
+    """ops.partial_attention: q [B, H, n, hd], k_cache/v_cache [B, Hkv, S, hd], key_valid [B, S] bool
+    -> [B, H, n, hd] in q's dtype."""
     # SDPA may return a permuted layout; one fixed (contiguous) layout keeps the fake's strides honest
-    return ops.partial_attention(q, k_new, v_new, rows, k_cache, v_cache, key_valid).contiguous()
+    return ops.partial_attention(q, k_cache, v_cache, key_valid).contiguous()
 
 
 @partial_attention.register_kernel("cuda")
-def _(q, k_new, v_new, rows, k_cache, v_cache, key_valid):
-    return _cuda_impl("partial_attention")(q, k_new, v_new, rows, k_cache, v_cache, key_valid).contiguous()
+def _(q, k_cache, v_cache, key_valid):
+    return _cuda_impl("partial_attention")(q, k_cache, v_cache, key_valid).contiguous()
 
 
 @partial_attention.register_fake
-def _(q, k_new, v_new, rows, k_cache, v_cache, key_valid):
+def _(q, k_cache, v_cache, key_valid):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -10,14 +10,10 @@ Op contracts are build/onnx_ops.SIGNATURES (the ONNX node the parser maps to the
 deploy.md §1.3): the node's op_type is the plugin name, its `plugin_namespace` attribute selects
 "esdllm", its other attributes become plugin attributes by name.
 
-  token_gather(hidden [B,n,d], prev_hidden [B,n,d], confidence [B,n], bonus [B,n], k [1] int64) {alpha}
-      -> sel [B,K] int64, kept [B,K,d], K (size tensor: K is the value of k, data-dependent)
-  partial_attention(q [B,H,n,hd], k_new, v_new [B,Hkv,n,hd], rows [B,n], k_cache, v_cache [B,Hkv,S,hd],
-                    key_valid [B,S] bool) -> out [B,H,n,hd]
+  token_gather(hidden [B,n,d], prev_hidden [B,n,d], confidence [B,n], bonus [B,n], keep_mask [B,K] bool)
+      {alpha} -> sel [B,K] int64 (n where dropped), kept [B,K,d]; K is keep_mask's dim, a profile axis
+  partial_attention(q [B,H,n,hd], k_cache, v_cache [B,Hkv,S,hd], key_valid [B,S] bool) -> out [B,H,n,hd]
   cache_merge(cache, fresh, rows [B,n]) {dim} -> merged, aliased to cache (written in place)
-
-token_gather's third output exists because QDPs take no shape inputs: K comes from a tensor value, so
-it is a TensorRT size tensor and the ONNX node must list a third output (build/engine.py adds it).
 
 `impl` runs the kernel wrappers of plugins/kernels.py through torch on TensorRT's stream. `aot_impl`
 compiles the same Triton code to PTX; TensorRT launches an AOT plugin as ONE kernel with (inputs,
@@ -26,12 +22,10 @@ are AOT-ready (AOT_READY); the others raise a clear error at build time.
 
 No `from __future__ import annotations` here: tensorrt.plugin inspects annotations as classes.
 """
-import functools
 import re
 from typing import Tuple, Union
 
-OPS = ("token_gather", "partial_attention", "cache_merge")
-NAMESPACE = "esdllm"
+from .ops import NAMESPACE, OP_NAMES as OPS
 FLOATS = ("float32", "float16", "bfloat16")
 INDICES = ("int64", "int32")
 AOT_READY = frozenset({"cache_merge"})  # single-launch, scratch-free kernels in plugins/kernels.py
@@ -57,43 +51,41 @@ def _agree(op: str, what: str, a, b) -> None:
         raise ValueError(f"{NAMESPACE}::{op}: {what} disagree ({a} vs {b})")
 
 
-def token_gather_outputs(hidden: Spec, prev_hidden: Spec, confidence: Spec, bonus: Spec, k: Spec,
-                         kept_rows) -> Tuple[Spec, Spec]:
-    """-> sel ((B, K), int64), kept ((B, K, d), hidden dtype); kept_rows is K (int or size expression)."""
+def token_gather_outputs(hidden: Spec, prev_hidden: Spec, confidence: Spec, bonus: Spec,
+                         keep_mask: Spec) -> Tuple[Spec, Spec]:
+    """-> sel ((B, K), int64), kept ((B, K, d), hidden dtype), K = keep_mask's second dim."""
     op = "token_gather"
     _want(op, "hidden", hidden, 3, FLOATS)
     _want(op, "prev_hidden", prev_hidden, 3, FLOATS)
     _want(op, "confidence", confidence, 2, ("float32",))
     _want(op, "bonus", bonus, 2, ("float32",))
-    _want(op, "k", k, 1, INDICES)
+    _want(op, "keep_mask", keep_mask, 2, ("bool",))
     if prev_hidden[1] != hidden[1]:
         raise ValueError(f"{NAMESPACE}::{op}: prev_hidden dtype {prev_hidden[1]} != hidden dtype {hidden[1]}")
     for name, spec in (("prev_hidden", prev_hidden), ("confidence", confidence), ("bonus", bonus)):
         for axis in range(len(spec[0])):
             _agree(op, f"hidden and {name} dim {axis}", hidden[0][axis], spec[0][axis])
-    _agree(op, "k must hold one value:", k[0][0], 1)
+    _agree(op, "hidden and keep_mask batch", hidden[0][0], keep_mask[0][0])
     B, n, d = hidden[0]
-    if isinstance(kept_rows, int) and isinstance(n, int) and not 0 <= kept_rows <= n:
-        raise ValueError(f"{NAMESPACE}::{op}: k={kept_rows} must be in [0, n={n}]")
-    return ((B, kept_rows), "int64"), ((B, kept_rows, d), hidden[1])
+    K = keep_mask[0][1]
+    if isinstance(K, int) and isinstance(n, int) and not 0 <= K <= n:
+        raise ValueError(f"{NAMESPACE}::{op}: k={K} must be in [0, n={n}]")
+    return ((B, K), "int64"), ((B, K, d), hidden[1])
 
 
-def partial_attention_outputs(q: Spec, k_new: Spec, v_new: Spec, rows: Spec, k_cache: Spec,
-                              v_cache: Spec, key_valid: Spec) -> Tuple[Spec]:
+def partial_attention_outputs(q: Spec, k_cache: Spec, v_cache: Spec, key_valid: Spec) -> Tuple[Spec]:
     """-> out: q's shape [B, H, n, hd] and dtype."""
     op = "partial_attention"
-    for name, spec in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, spec in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _want(op, name, spec, 4, FLOATS)
         if spec[1] != q[1]:
             raise ValueError(f"{NAMESPACE}::{op}: {name} dtype {spec[1]} != q dtype {q[1]}")
-    _want(op, "rows", rows, 2, INDICES)
     _want(op, "key_valid", key_valid, 2, ("bool",))
-    (B, H, n, hd), (_, Hkv, _, _), (_, _, S, _) = q[0], k_new[0], k_cache[0]
-    for name, spec in (("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _agree(op, f"k_new and {name} heads", Hkv, spec[0][1])
+    (B, H, n, hd), (_, Hkv, S, _) = q[0], k_cache[0]
+    _agree(op, "k_cache and v_cache heads", Hkv, v_cache[0][1])
+    _agree(op, "k_cache and v_cache slots", S, v_cache[0][2])
+    for name, spec in (("k_cache", k_cache), ("v_cache", v_cache)):
         _agree(op, f"q and {name} head_dim", hd, spec[0][3])
-    _agree(op, "q and k_new rows", n, k_new[0][2])
-    _agree(op, "q and rows", n, rows[0][1])
     _agree(op, "k_cache and key_valid slots", S, key_valid[0][1])
     if isinstance(H, int) and isinstance(Hkv, int) and H % Hkv:
         raise ValueError(f"{NAMESPACE}::{op}: query heads {H} are not a multiple of kv heads {Hkv}")
@@ -200,26 +192,16 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, 1 << max(int(x) - 1, 0).bit_length())
 
 
-_merge_kernel = None  # plugins/kernels._merge_kernel, jitted by cache_merge_aot_kernel()
-
-
-# cache_merge through TensorRT's AOT launcher: (cache, fresh, rows, <int32 scalars>, merged).
-# The body is plugins/kernels._merge_kernel; string annotations keep triton a lazy import here.
-def _cache_merge_aot(C, F, ROWS, P, N, S, D, sc_b, sc_p, sc_s, sc_d, sf_b, sf_p, sf_n, sf_d, OUT,
-                     BLOCK_R: "tl.constexpr", BLOCK_D: "tl.constexpr"):
-    _merge_kernel(C, F, ROWS, P, N, S, D, sc_b, sc_p, sc_s, sc_d, sf_b, sf_p, sf_n, sf_d, BLOCK_R, BLOCK_D)
-
-
-@functools.cache
 def cache_merge_aot_kernel():
-    """The jitted AOT entry for cache_merge (binds the kernels module's body as a Triton callee)."""
-    from triton.runtime.jit import JITFunction  # not triton.jit: AOT never runs the interpreter
+    """The jitted AOT entry for cache_merge (plugins/kernels._cache_merge_aot)."""
+    from triton.runtime.jit import JITFunction
 
     from . import kernels
 
-    kernels.load_triton()  # binds `tl` in kernels' globals, where the body looks it up
-    globals()["_merge_kernel"] = JITFunction(kernels._merge_kernel)
-    return JITFunction(_cache_merge_aot)
+    if not isinstance(kernels._cache_merge_aot, JITFunction):
+        raise RuntimeError("AOT PTX needs triton's compiler: unset TRITON_INTERPRET (the CPU interpreter) "
+                           "before triton is first imported")
+    return kernels._cache_merge_aot
 
 
 def cache_merge_aot_signature(dtype: str, rows_dtype: str, block_r: int, block_d: int) -> tuple[dict, dict]:
@@ -272,9 +254,9 @@ def register_plugins() -> None:
 
     def no_aot(op: str):
         raise NotImplementedError(
-            f"{NAMESPACE}::{op} has no AOT kernel: plugins/kernels.py runs it as several launches with "
-            "a scratch buffer, and a TensorRT AOT plugin is one launch with no workspace. Build with JIT "
-            "plugins (the default) or add a single-launch kernel")
+            f"{NAMESPACE}::{op} has no AOT kernel yet: a TensorRT AOT plugin is one launch with no "
+            "workspace, and plugins/kernels.py's wrapper for it needs scratch memory (token_gather: the "
+            "variation buffer; partial_attention: the key mask as uint8). Build with JIT plugins")
 
     ptx_ret = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs] \
         if hasattr(trtp, "aot_impl") else None
@@ -282,42 +264,36 @@ def register_plugins() -> None:
     # --- token_gather ---------------------------------------------------------------------
     @trtp.register("esdllm::token_gather")
     def _tg(hidden: trtp.TensorDesc, prev_hidden: trtp.TensorDesc, confidence: trtp.TensorDesc,
-            bonus: trtp.TensorDesc, k: trtp.TensorDesc, alpha: float
-            ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        n = hidden.shape_expr[1]
-        kept_rows = trtp.size_tensor(n, n)  # data-dependent K <= n; autotune at K = n
+            bonus: trtp.TensorDesc, keep_mask: trtp.TensorDesc, alpha: float
+            ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         sel, kept = token_gather_outputs(spec(hidden), spec(prev_hidden), spec(confidence), spec(bonus),
-                                         spec(k), kept_rows.expr())
-        return desc(sel), desc(kept), kept_rows
+                                         spec(keep_mask))
+        return desc(sel), desc(kept)
 
     @trtp.impl("esdllm::token_gather")
     def _tg_impl(hidden: trtp.Tensor, prev_hidden: trtp.Tensor, confidence: trtp.Tensor, bonus: trtp.Tensor,
-                 k: trtp.Tensor, alpha: float, outputs: Tuple[trtp.Tensor, trtp.Tensor, trtp.Tensor],
+                 keep_mask: trtp.Tensor, alpha: float, outputs: Tuple[trtp.Tensor, trtp.Tensor],
                  stream: int) -> None:
         from . import kernels
         with on_stream(stream):
-            kk = int(view(k).reshape(-1)[0].item())  # K sizes the launch; one sync, JIT path only
             sel, kept = kernels.token_gather(view(hidden), view(prev_hidden), view(confidence), view(bonus),
-                                             alpha, kk)
-            view(outputs[0], tuple(sel.shape)).copy_(sel)
-            view(outputs[1], tuple(kept.shape)).copy_(kept)
-            view(outputs[2], (1,)).fill_(kk)
+                                             view(keep_mask), alpha)
+            view(outputs[0]).copy_(sel)
+            view(outputs[1]).copy_(kept)
 
     # --- partial_attention ----------------------------------------------------------------
     @trtp.register("esdllm::partial_attention")
-    def _pa(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, rows: trtp.TensorDesc,
-            k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc, key_valid: trtp.TensorDesc) -> trtp.TensorDesc:
-        partial_attention_outputs(*(spec(d) for d in (q, k_new, v_new, rows, k_cache, v_cache, key_valid)))
+    def _pa(q: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
+            key_valid: trtp.TensorDesc) -> trtp.TensorDesc:
+        partial_attention_outputs(*(spec(d) for d in (q, k_cache, v_cache, key_valid)))
         return q.like()
 
     @trtp.impl("esdllm::partial_attention")
-    def _pa_impl(q: trtp.Tensor, k_new: trtp.Tensor, v_new: trtp.Tensor, rows: trtp.Tensor,
-                 k_cache: trtp.Tensor, v_cache: trtp.Tensor, key_valid: trtp.Tensor,
+    def _pa_impl(q: trtp.Tensor, k_cache: trtp.Tensor, v_cache: trtp.Tensor, key_valid: trtp.Tensor,
                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
         from . import kernels
         with on_stream(stream):
-            out = kernels.partial_attention(*(view(t) for t in (q, k_new, v_new, rows, k_cache, v_cache, key_valid)))
-            view(outputs[0]).copy_(out)
+            view(outputs[0]).copy_(kernels.partial_attention(*(view(t) for t in (q, k_cache, v_cache, key_valid))))
 
     # --- cache_merge ----------------------------------------------------------------------
     @trtp.register("esdllm::cache_merge")
@@ -339,14 +315,13 @@ def register_plugins() -> None:
     # --- aot_impl ---------------------------------------------------------------------------
     @trtp.aot_impl("esdllm::token_gather")
     def _tg_aot(hidden: trtp.TensorDesc, prev_hidden: trtp.TensorDesc, confidence: trtp.TensorDesc,
-                bonus: trtp.TensorDesc, k: trtp.TensorDesc, alpha: float,
-                outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc], tactic: int) -> ptx_ret:
+                bonus: trtp.TensorDesc, keep_mask: trtp.TensorDesc, alpha: float,
+                outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc], tactic: int) -> ptx_ret:
         no_aot("token_gather")
 
     @trtp.aot_impl("esdllm::partial_attention")
-    def _pa_aot(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc, rows: trtp.TensorDesc,
-                k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc, key_valid: trtp.TensorDesc,
-                outputs: Tuple[trtp.TensorDesc], tactic: int) -> ptx_ret:
+    def _pa_aot(q: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
+                key_valid: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int) -> ptx_ret:
         no_aot("partial_attention")
 
     @trtp.aot_impl("esdllm::cache_merge")

@@ -194,10 +194,15 @@ class EngineSpec:
 
     # --- checks an executor runs ---------------------------------------------------------------
 
-    def variant_file(self, name: str) -> Path:
+    def variant_name(self, name: str) -> str:
+        """`name` if the artifacts hold that graph variant, else an EngineError naming the fix."""
         if name not in self.variants:
             raise EngineError(f"the artifacts in {self.root} have no {name!r} graph (built variants: "
                               f"{', '.join(self.variants)}); rebuild with --variants including {name}")
+        return name
+
+    def variant_file(self, name: str) -> Path:
+        self.variant_name(name)
         path = self.root / self.variants[name]["file"]
         if not path.is_file():
             raise EngineError(f"{ENGINE_JSON} lists variant {name!r} at {path.name}, but {path} is missing")
@@ -236,11 +241,15 @@ class EngineSpec:
                                f"({self.root}); the prompt is too long or gen_length too large")
 
 
-def profile_dims(cfg: BuildConfig) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of every named dynamic axis; a canvas has one extra (trash) slot."""
+def profile_dims(cfg: BuildConfig, n_prune: int = 0) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every named dynamic axis of the step graphs (runtime/contract.py): batch,
+    rows, slots (a canvas has one extra, trash, slot), out (head rows) and keep_i (rows kept at the
+    i-th prune layer)."""
     canvas = cfg.max_canvas + 1
+    opt_rows = min(cfg.block_length, canvas)
     opt_slots = min(canvas, cfg.max_prompt // 2 + cfg.gen_length + 1)
-    return {"batch": (1, max(1, cfg.max_batch // 2), cfg.max_batch),
-            "rows": (1, min(cfg.block_length, canvas), canvas),
-            "slots": (2, opt_slots, canvas)}
-
+    dims = {"batch": (1, max(1, cfg.max_batch // 2), cfg.max_batch), "rows": (1, opt_rows, canvas),
+            "slots": (2, opt_slots, canvas), "out": (1, opt_rows, canvas)}
+    for i in range(n_prune):
+        dims[f"keep_{i}"] = (1, max(1, opt_rows // 2 ** (i + 1)), canvas)
+    return dims

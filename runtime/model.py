@@ -1,86 +1,21 @@
-"""The one Transformer for LLaDA and Dream, and the explicit cache it reads and writes.
+"""The one Transformer for LLaDA and Dream over the explicit cache (runtime/cache.py).
 
-Every forward, vanilla included, runs a set of canvas rows against the `Cache`: the rows' fresh
-K/V (and, at prune layers, hidden states) are merged into the cache by index, and the rows attend
-to every valid canvas position (bidirectional, key padding mask). ES-dLLM pruning happens at the
-output of the prune layers through the `token_gather` op; deeper layers run the kept rows only.
+A forward runs a set of canvas rows: each layer writes the rows' fresh K/V into the cache by index
+(cache_merge) and attends to every valid canvas slot (partial_attention; bidirectional, key padding
+mask). ES-dLLM pruning happens at the output of the prune layers through token_gather; deeper layers
+run the kept rows only. The ops come from the backend the model is built with (plugins/backends.py).
 Dream's one-position logit shift is handled here: the rows returned with the logits are the canvas
 positions those logits predict.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..plugins.backends import REFERENCE, OpBackend
+from .cache import Cache, StepPlan
 from .config import ModelArgs
-from ..plugins import dispatch as ops
-
-
-class Cache:
-    """Preallocated per-layer K and V for every canvas position, plus hidden states at prune layers.
-
-    k[l], v[l]: [B, n_kv_heads, L + 1, head_dim]. Slot L is a scratch row ("trash") that is never a
-    valid key: plans point padding entries there, so ragged per-row work fits one dense shape.
-    hidden[l]: [B, L + 1, dim] for l in the prune layers.
-    positions: [B, L + 1] int64, the true RoPE position of each canvas slot (left padding aware).
-    key_valid: [B, L + 1] bool, False for left padding and the trash slot.
-    """
-
-    def __init__(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device,
-                 hidden_layers: tuple[int, ...] = ()):
-        self.batch, self.length = batch, length
-        shape = (batch, args.n_kv_heads, length + 1, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.hidden = {l: torch.zeros(batch, length + 1, args.dim, dtype=dtype, device=device)
-                       for l in hidden_layers}
-        self.positions = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
-        self.key_valid = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
-
-    @property
-    def trash(self) -> int:
-        return self.length
-
-    def set_layout(self, pad_lens: Tensor) -> None:
-        """pad_lens: [B] int, number of left-padding slots per row."""
-        ar = torch.arange(self.length, device=self.positions.device)
-        pos = ar[None, :] - pad_lens.to(ar.device)[:, None]
-        self.positions[:, : self.length] = pos.clamp_min(0)
-        self.positions[:, self.length] = 0
-        self.key_valid[:, : self.length] = pos >= 0
-        self.key_valid[:, self.length] = False
-
-
-@dataclass
-class StepPlan:
-    """What one forward does beyond running `idx` rows.
-
-    head: row slice of `idx` that reaches the LM head when nothing was pruned (None: all rows).
-    keep: {prune layer: k}: keep the top-k rows at that layer's output (empty: no skipping).
-    keep_rows: {prune layer: [B] int64}: per-entry keep counts <= k; an entry's rows ranked past its
-        own count are sent to the trash slot, so its result is what it would be alone.
-    write_hidden: store hidden states of the surviving rows at the prune layers (ES-dLLM).
-    confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
-    """
-
-    head: slice | None = None
-    keep: dict[int, int] | None = None
-    keep_rows: dict[int, Tensor] | None = None
-    write_hidden: bool = False
-    confidence: Tensor | None = None
-    bonus: Tensor | None = None
-    alpha: float = 0.5
-
-
-def _truncate(rows: Tensor, sel: Tensor, k_row: Tensor, trash: int, score: Tensor) -> Tensor:
-    """Send each entry's selected rows ranked >= k_row[b] (by score, ties to the lower row) to trash."""
-    s = score.gather(1, sel)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-    return torch.where(rank < k_row[:, None], rows, torch.full_like(rows, trash))
 
 
 class RMSNorm(nn.Module):
@@ -128,7 +63,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(a.n_heads * hd, a.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor,
-                k_cache: Tensor, v_cache: Tensor, key_valid: Tensor) -> Tensor:
+                k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, ops: OpBackend) -> Tensor:
         """x: [B, n, dim]; rows: [B, n] canvas slots of x; caches [B, Hkv, L+1, hd] (updated in place)."""
         a, (B, n, _) = self.a, x.shape
         q = self.wq(x).view(B, n, a.n_heads, a.head_dim).transpose(1, 2)
@@ -136,9 +71,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, a.rope_full_precision)
         k = apply_rope(k, cos, sin, a.rope_full_precision)
-        out = ops.partial_attention(q, k, v, rows, k_cache, v_cache, key_valid)
-        ops.cache_merge(k_cache, k, rows, 2)
-        ops.cache_merge(v_cache, v, rows, 2)
+        # the rows' fresh K/V go into the cache first, so they override the stale ones: one write, no copy
+        k_cache = ops.cache_merge(k_cache, k, rows, 2)
+        v_cache = ops.cache_merge(v_cache, v, rows, 2)
+        out = ops.partial_attention(q, k_cache, v_cache, key_valid)
         return self.wo(out.transpose(1, 2).reshape(B, n, a.n_heads * a.head_dim))
 
 
@@ -161,15 +97,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid):
-        x = x + self.attention(self.attention_norm(x), cos, sin, rows, k_cache, v_cache, key_valid)
+    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend):
+        x = x + self.attention(self.attention_norm(x), cos, sin, rows, k_cache, v_cache, key_valid, ops)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """ops: the op backend every forward calls (plugins/backends.py; the reference by default)."""
+
+    def __init__(self, args: ModelArgs, ops: OpBackend = REFERENCE):
         super().__init__()
-        self.args = args
+        self.args, self.ops = args, ops
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -186,43 +124,39 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = ()) -> Cache:
         return Cache(self.args, batch, length, self.dtype, self.device, hidden_layers)
 
-    def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None
-             ) -> tuple[Tensor, Tensor]:
+    def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None,
+             ops: OpBackend | None = None) -> tuple[Tensor, Tensor]:
         """Run canvas rows `idx` against the cache.
 
         tokens: [B, n] int64 token ids at those rows; idx: [B, n] int64 canvas slots (cache.trash
         for padding entries). Returns logits [B, m, V] and pred [B, m]: the canvas positions those
-        logits predict (row + logits_shift; rows that reached the head only).
+        logits predict (row + logits_shift; rows that reached the head only). ops: a backend for this
+        call only (the exporter traces with its own).
         """
-        plan = plan or StepPlan()
-        keep = plan.keep or {}
+        plan, ops = plan or StepPlan(), ops or self.ops
         rows = idx
         h = self.tok_embeddings(tokens)
         pos = cache.positions.gather(1, rows)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta)
-        pruned = False
+        trash_col = torch.full_like(rows[:, :1], cache.trash)
         for l, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, rows, cache.k[l], cache.v[l], cache.key_valid)
-            if l in keep and keep[l] < rows.shape[1]:
-                conf = plan.confidence.gather(1, rows)
-                bonus = plan.bonus.gather(1, rows)
+            h = layer(h, cos, sin, rows, cache.k[l], cache.v[l], cache.key_valid, ops)
+            keep = plan.keep.get(l)
+            if keep is not None:
                 prev = cache.hidden[l].gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
                 # Trash entries get zero variation so they cannot change the per-row normalisation.
                 prev = torch.where((rows == cache.trash)[..., None], h, prev)
-                h_all = h
-                sel, h = ops.token_gather(h_all, prev, conf, bonus, plan.alpha, keep[l])
-                rows, pos = rows.gather(1, sel), pos.gather(1, sel)
-                # Per-row truncation only when some row keeps fewer than k (always when tracing for export).
-                if plan.keep_rows is not None and (torch.jit.is_tracing()
-                                                   or bool((plan.keep_rows[l] < keep[l]).any())):
-                    rows = _truncate(rows, sel, plan.keep_rows[l], cache.trash,
-                                     ops.importance(h_all, prev, conf, bonus, plan.alpha))
+                sel, h = ops.token_gather(h, prev, plan.confidence.gather(1, rows), plan.bonus.gather(1, rows),
+                                          keep, plan.alpha)
+                # a dropped entry (sel == n) reads the appended trash slot; its position is never used
+                rows = torch.cat([rows, trash_col], 1).gather(1, sel)
+                pos = torch.cat([pos, pos[:, :1]], 1).gather(1, sel)
                 cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta)
-                pruned = True
             if plan.write_hidden and l in cache.hidden:
                 ops.cache_merge(cache.hidden[l], h, rows, 1)
-        if not pruned and plan.head is not None:
-            h, rows = h[:, plan.head], rows[:, plan.head]
+        if plan.head is not None:
+            h = h.gather(1, plan.head[..., None].expand(-1, -1, h.shape[-1]))
+            rows = rows.gather(1, plan.head)
         logits = self.output(self.norm(h))
         return logits, rows + self.args.logits_shift
 

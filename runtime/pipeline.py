@@ -64,12 +64,14 @@ class Pipeline:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, dtype=None, device: str = "cpu",
              executor: str = "torch", engine_dir: str | Path | None = None) -> "Pipeline":
-        from .executors import engine_model_dir, make_executor
+        from .artifacts import EngineSpec
+        from .executors import make_executor
         from .tokenizer import load_tokenizer
-        if model_dir is None and engine_dir is not None:  # artifacts carry the checkpoint's config + tokenizer
-            model_dir = engine_model_dir(engine_dir)
+        spec = EngineSpec.read(engine_dir) if engine_dir is not None else None  # read once per load
+        if model_dir is None and spec is not None and spec.hf_dir and (spec.root / spec.hf_dir).is_dir():
+            model_dir = spec.root / spec.hf_dir  # artifacts carry the checkpoint's config + tokenizer
         model_dir = Path(model_dir) if model_dir else default_model()
-        ex = make_executor(executor, model_dir=model_dir, engine_dir=engine_dir, dtype=dtype, device=device)
+        ex = make_executor(executor, model_dir=model_dir, dtype=dtype, device=device, spec=spec)
         return cls(ex, load_tokenizer(model_dir), model_dir)
 
     def encode(self, text: str, chat: bool = False, gen_length: int = 0) -> list[int]:

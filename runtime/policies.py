@@ -1,44 +1,44 @@
-"""Policies: which canvas rows one step forwards, against which cache, with what skipping.
+"""Policies: a whole denoising step each, plan -> (executor) -> commit -> update.
 
 Vanilla    full forward of the whole canvas every step (LLaDA generate(), Dream diffusion_generate()).
 FastDLLM   block-wise approximate KV cache (Fast-dLLM, arXiv 2505.22618 §3.2): a full forward at each
            block start; later steps forward the block plus the suffix (prefix cache) or the block
            only (dual cache), reusing cached K/V for everything else.
 ESDLLM     early skipping (ES-dLLM, arXiv 2603.10088; research/algorithms.md §1): at the prune layers
-           keep only the top-k rows by importance; skipped rows reuse cached K/V and hidden states.
+           keep only the top-k rows by importance; skipped rows reuse cached K/V and hidden states;
+           EOS proposals are delayed while the position before them is undecided.
+
+plan(c) says which canvas rows a forward runs and with what plan (runtime/cache.py); commit(c, logits,
+pred) samples proposals, picks the block positions that take them (runtime/sampling.make_rule:
+count schedule, threshold or factor), writes them into the canvas and updates the policy's state.
 
 Rows vs positions: logits of row r predict canvas position r + shift (Dream shift = 1), so a step
 that must predict block [s, e) forwards rows from s - shift. Rows of a batch entry that has nothing
-left to do point at the cache's trash slot, so it neither computes state nor changes anything:
-a request's tokens never depend on what it is batched with.
+left to do point at the cache's trash slot, so it neither computes state nor changes anything: a
+request's tokens never depend on what it is batched with. Every row has its own block start (c.s).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import sampling as S
+from .cache import StepContext, StepPlan
 from .config import DecodeConfig, ModelArgs
-from .model import StepPlan
 
 
-@dataclass
-class StepContext:
-    x: Tensor            # [B, L] canvas
-    block: int
-    s: int               # block start (canvas position)
-    e: int               # block end (exclusive)
-    step: int            # step inside the block
-    step_cnt: int        # global step counter (ES-dLLM refresh periods)
-    active: Tensor       # [B] bool: rows still decoding this block
+def _span(B: int, lo: int, hi: int, device) -> Tensor:
+    """[B, hi - lo] int64: lo .. hi - 1 for every row (head indices into the forwarded rows)."""
+    return torch.arange(lo, hi, device=device).expand(B, hi - lo)
 
 
-def _rows(B: int, lo: int, hi: int, active: Tensor, trash: int, device) -> Tensor:
-    idx = torch.arange(lo, hi, device=device).expand(B, hi - lo).clone()
-    idx[~active] = trash
-    return idx
+def _from(start: Tensor, n: int, limit: int, active: Tensor, trash: int) -> Tensor:
+    """[B, n] canvas rows start[b] .. start[b] + n - 1; rows at or past `limit` and rows of idle
+    entries are the trash slot."""
+    idx = start[:, None] + torch.arange(n, device=start.device)
+    return torch.where((idx < limit) & active[:, None], idx, trash)
 
 
 class Vanilla:
@@ -46,16 +46,58 @@ class Vanilla:
 
     hidden_layers: tuple[int, ...] = ()
 
-    def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int):
-        self.cfg, self.args, self.L, self.trash = cfg, args, L, trash
+    def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
+        self.cfg, self.args, self.L, self.trash, self.gen = cfg, args, L, trash, gen
         self.sh = args.logits_shift
+        self.sampler = cfg.sampler or ("llada" if args.family == "llada" else "dream")
+        self.steps = cfg.n_steps // (cfg.gen_length // cfg.block_length)  # steps per block
+        self.rule = S.make_rule(cfg, self.sampler, gen)
+        self.quota = None  # [B, steps] LLaDA's tokens per step of each row's current block
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def phase(self, step: int, step_cnt: int) -> str:
+        """The kind of forward a row at this step needs (rows of one forward share it)."""
+        return "full"
 
     def full(self, c: StepContext) -> tuple[Tensor, StepPlan]:
-        idx = _rows(c.x.shape[0], 0, self.L, c.active, self.trash, c.x.device)
-        return idx, StepPlan(head=slice(c.s - self.sh, c.e - self.sh))
+        B, dev = c.x.shape[0], c.x.device
+        idx = _from(torch.zeros(B, dtype=torch.long, device=dev), self.L, self.L, c.active, self.trash)
+        return idx, StepPlan(head=(c.s - self.sh)[:, None] + torch.arange(c.bl, device=dev))
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         return self.full(c)
+
+    # --- committing -------------------------------------------------------------------------
+
+    def begin_block(self, c: StepContext, rows: Tensor) -> None:
+        """Rows `rows` (bool [B]) start a new block: LLaDA's schedule splits its masks over the steps."""
+        n_masked = (c.x.gather(1, c.cols) == self.args.mask_id).sum(1)
+        quota = S.llada_quota(n_masked, self.steps)
+        self.quota = quota if self.quota is None else torch.where(rows[:, None], quota, self.quota)
+
+    def commit(self, c: StepContext, logits: Tensor, pred: Tensor) -> Tensor:
+        """Sample proposals, choose the block positions that take them, write the canvas, update.
+        logits: [B, m, V]; pred: [B, m] canvas positions they predict. -> chosen [B, bl] bool."""
+        B, bl, dev = c.x.shape[0], c.bl, c.x.device
+        x0, conf = S.sample(logits, self.cfg, self.sampler, self.gen)
+        # predictions in block coordinates; everything outside the block falls into column bl
+        local = pred - c.s[:, None]
+        local = torch.where((local >= 0) & (local < bl), local, bl)
+        C = torch.full((B, bl + 1), S.NEG, dtype=torch.float64, device=dev).scatter_(1, local, conf)[:, :bl]
+        X0 = torch.zeros((B, bl + 1), dtype=torch.long, device=dev).scatter_(1, local, x0)[:, :bl]
+        block = c.x.gather(1, c.cols)
+        masked = block == self.args.mask_id
+        cand = masked & torch.isfinite(C) & c.active[:, None]
+        C = torch.where(cand, self.filter(c, C, X0), S.NEG)
+        chosen = self.rule(C, cand, masked, c.step, self.quota)
+        c.x.scatter_(1, c.cols, torch.where(chosen, X0, block))
+        self.update(c, pred, conf, chosen)
+        return chosen
+
+    def filter(self, c: StepContext, C: Tensor, X0: Tensor) -> Tensor:
+        """Confidence filter before the commit rule (none for the plain policies)."""
+        return C
 
     def update(self, c: StepContext, pred: Tensor, conf: Tensor, chosen: Tensor) -> None:
         pass
@@ -65,14 +107,19 @@ class FastDLLM(Vanilla):
     """Fast-dLLM prefix / dual cache, refreshed by a full forward at each block start (and every
     `cache_refresh` steps inside a block when that is set: 1 reproduces vanilla exactly)."""
 
+    def phase(self, step: int, step_cnt: int) -> str:
+        every = self.cfg.cache_refresh
+        full = self.cfg.cache == "none" or step == 0 or (every and step % every == 0)
+        return "full" if full else self.cfg.cache
+
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
-        mode, every = self.cfg.cache, self.cfg.cache_refresh
-        if mode == "none" or c.step == 0 or (every and c.step % every == 0):
+        if c.phase == "full":
             return self.full(c)
-        bl = c.e - c.s
-        hi = self.L if mode == "prefix" else c.e
-        idx = _rows(c.x.shape[0], c.s - self.sh, hi, c.active, self.trash, c.x.device)
-        return idx, StepPlan(head=slice(0, bl))
+        B, sh, dev = c.x.shape[0], self.sh, c.x.device
+        # dual: the block (from s - shift); prefix: the block and the whole suffix
+        n = c.bl + sh if c.phase == "dual" else self.L - min(c.s_host) + sh
+        idx = _from(c.s - sh, n, self.L, c.active, self.trash)
+        return idx, StepPlan(head=_span(B, 0, c.bl, dev))
 
 
 def prune_schedule(cfg: DecodeConfig, n_layers: int) -> dict[int, float]:
@@ -94,8 +141,8 @@ def prune_schedule(cfg: DecodeConfig, n_layers: int) -> dict[int, float]:
 class ESDLLM(Vanilla):
     """ES-dLLM early skipping (algorithms.md §1.3-1.5), composable with threshold decoding."""
 
-    def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int):
-        super().__init__(cfg, args, L, trash)
+    def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
+        super().__init__(cfg, args, L, trash, gen)
         self.schedule = prune_schedule(cfg, args.n_layers)
         self.hidden_layers = tuple(sorted(self.schedule))
         self.conf = None          # [B, L + 1] confidence by predicting row, stale where skipped
@@ -110,38 +157,51 @@ class ESDLLM(Vanilla):
         self.n_last = torch.zeros(B, dtype=torch.long, device=dev)
         self.leftmost = torch.full((B,), self.L, dtype=torch.long, device=dev)
 
+    def phase(self, step: int, step_cnt: int) -> tuple:
+        """(range, skip): the forward range (full canvas, prompt + blocks so far, block start, block)
+        and whether the prune layers skip rows (refresh periods are all-update steps, §1.4)."""
+        cfg = self.cfg
+        if step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
+            return ("full", False)
+        prompt = step_cnt % cfg.prompt_update_freq == 0
+        skip = bool(self.schedule) and not prompt and step_cnt % cfg.block_update_freq != 0
+        return ("prompt" if prompt else "start" if step == 0 else "block", skip)
+
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         cfg, sh, B, dev = self.cfg, self.sh, c.x.shape[0], c.x.device
         if self.conf is None:
             self._init(c.x)
-        if c.step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
+        span, skip = c.phase
+        if span == "full":
             idx, plan = self.full(c)
             plan.write_hidden = True
             return idx, plan
-        prompt_refresh = c.step_cnt % cfg.prompt_update_freq == 0
-        all_update = prompt_refresh or c.step_cnt % cfg.block_update_freq == 0
-        lo = torch.full((B,), c.s - sh, dtype=torch.long, device=dev)
-        if prompt_refresh:
-            lo.zero_()
-        elif c.step == 0:  # re-run the tokens decoded last step (they sit in the previous block)
+        lo = c.s - sh
+        if span == "prompt":
+            lo = torch.zeros_like(lo)
+        elif span == "start":  # re-run the tokens decoded last step (they sit in the previous block)
             lo = torch.minimum(lo, self.leftmost)
-        n = c.e - int(lo.min())
-        idx = torch.arange(c.e - n, c.e, device=dev).expand(B, n).clone()
-        idx[(idx < lo[:, None]) | ~c.active[:, None]] = self.trash
-        bl = c.e - c.s
-        plan = StepPlan(head=slice(n - bl - sh, n - sh), write_hidden=True, alpha=cfg.alpha)
-        if all_update or not self.schedule:
-            return idx, plan
+        e = c.s + c.bl
+        n = int((e - lo).max())
+        idx = (e - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's block end
+        idx = torch.where((idx >= lo[:, None]) & c.active[:, None], idx, self.trash)
+        head = StepPlan(head=_span(B, n - c.bl - sh, n - sh, dev), write_hidden=True, alpha=cfg.alpha)
+        if not skip:
+            return idx, head
         n_fwd = (idx != self.trash).sum(1)
-        floor_k = torch.clamp(self.n_last + 2, max=bl)
-        keep, keep_rows = {}, {}
-        for layer, p in self.schedule.items():
+        floor_k = torch.clamp(self.n_last + 2, max=c.bl)
+        keep, alive = {}, n
+        for layer, p in sorted(self.schedule.items()):
             k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)
             k_row[~c.active] = 0
-            keep[layer], keep_rows[layer] = int(k_row.max()), k_row
-        plan.keep, plan.keep_rows = keep, keep_rows
-        plan.confidence = self.conf
-        plan.bonus = self._bonus(c, idx)
+            k = int(k_row.max())
+            if k < alive:  # only layers that really prune; past them the kept rows reach the head
+                keep[layer] = torch.arange(k, device=dev)[None, :] < k_row[:, None]
+                alive = k
+        if not keep:
+            return idx, head
+        plan = StepPlan(keep=keep, write_hidden=True, alpha=cfg.alpha, confidence=self.conf,
+                        bonus=self._bonus(c, idx))
         return idx, plan
 
     def _bonus(self, c: StepContext, idx: Tensor) -> Tensor:
@@ -153,7 +213,7 @@ class ESDLLM(Vanilla):
             # stable sort: ties go to the leftmost row, whatever trash padding precedes it
             top = torch.sort(fwd_conf, dim=1, descending=True, stable=True).indices[:, :2]
             bonus.scatter_(1, idx.gather(1, top), 2.0)
-        masked = c.x[:, c.s:c.e] == self.args.mask_id  # +5 for the leftmost masked block position
+        masked = c.x.gather(1, c.cols) == self.args.mask_id  # +5 for the leftmost masked block position
         has = masked.any(1)
         left = masked.float().argmax(1) + c.s - sh
         bonus[has, left[has]] += 5.0
@@ -161,6 +221,12 @@ class ESDLLM(Vanilla):
             bonus += 3.0 * self.last.float()
         bonus[:, self.trash] = -1e4
         return bonus
+
+    def filter(self, c: StepContext, C: Tensor, X0: Tensor) -> Tensor:
+        if not self.cfg.delay_eos:
+            return C
+        has_eos = (c.x[:, c.gen_start:] == self.args.eos_id).any(1)
+        return S.delay_eos(C, X0, c.x.gather(1, c.cols - 1), has_eos, self.args.eos_id, self.args.mask_id)
 
     def update(self, c: StepContext, pred: Tensor, conf: Tensor, chosen: Tensor) -> None:
         sh, L = self.sh, self.L
@@ -173,12 +239,13 @@ class ESDLLM(Vanilla):
         # Rows idle this step (block already done) keep their state, as they would alone.
         a = c.active
         self.last[a] = False
-        self.last[:, c.s:c.e] |= chosen & a[:, None]
+        self.last.scatter_(1, c.cols, self.last.gather(1, c.cols) | (chosen & a[:, None]))
         self.n_last = torch.where(a, chosen.sum(1), self.n_last)
-        pos = torch.arange(c.s, c.e, device=chosen.device).expand_as(chosen)
-        self.leftmost = torch.where(a, torch.where(chosen, pos, L).min(1).values, self.leftmost)
+        self.leftmost = torch.where(a, torch.where(chosen, c.cols, L).min(1).values, self.leftmost)
 
 
-def make_policy(cfg: DecodeConfig, args: ModelArgs, L: int, trash: int):
-    cls = {"vanilla": Vanilla, "fast-dllm": FastDLLM, "es-dllm": ESDLLM}[cfg.method]
-    return cls(cfg, args, L, trash)
+POLICIES = {"vanilla": Vanilla, "fast-dllm": FastDLLM, "es-dllm": ESDLLM}
+
+
+def make_policy(cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
+    return POLICIES[cfg.method](cfg, args, L, trash, gen)

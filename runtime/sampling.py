@@ -7,7 +7,8 @@ Samplers turn logits into a proposed token x0 and a confidence per row:
          (maskgit_plus: p(x0), topk_margin: p1 - p2, entropy: sum p log p) (models.md B.7).
 Commit rules pick which masked block positions take their x0 this step: a scheduled count
 (top-k by confidence), Fast-dLLM's threshold or factor rule (algorithms.md §4.2), or Dream's
-'origin' random transfer.
+'origin' random transfer. `make_rule` composes the one a DecodeConfig asks for; `delay_eos` is
+ES-dLLM's confidence filter, applied before the rule.
 """
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ def llada_quota(n_masked: Tensor, steps: int) -> Tensor:
     return base[:, None] + (ar[None, :] < rem[:, None]).long()
 
 
-def dream_quota(n_masked: Tensor, steps: int, step: int, eps: float) -> Tensor:
-    """Dream's count: int(M * (1 - s/t)) on a float32 linspace(1, eps, steps + 1); all at the last step."""
-    if step >= steps - 1:
-        return n_masked.clone()
-    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
-    t, s = ts[step], ts[step + 1]
-    return (n_masked.double() * float(1 - s / t)).long()
+def _dream_ratio(steps: int, step: Tensor, eps: float) -> Tensor:
+    """[B] float32 1 - s/t at each row's step on Dream's float32 linspace(1, eps, steps + 1)."""
+    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32).to(step.device)
+    st = step.clamp(max=steps - 1)
+    return 1 - ts[st + 1] / ts[st]
+
+
+def dream_quota(n_masked: Tensor, steps: int, step: Tensor, eps: float) -> Tensor:
+    """Dream's count: int(M * (1 - s/t)) on a float32 linspace(1, eps, steps + 1); all at the last step.
+    n_masked, step: [B] (each row at its own step)."""
+    k = (n_masked.double() * _dream_ratio(steps, step, eps).double()).long()
+    return torch.where(step >= steps - 1, n_masked, k)
 
 
 def _top_p_top_k(logits: Tensor, top_p: float | None, top_k: int | None) -> Tensor:
@@ -115,11 +121,47 @@ def select_factor(conf: Tensor, factor: float) -> Tensor:
     return torch.zeros_like(chosen).scatter_(1, order, chosen)
 
 
-def select_origin(cand: Tensor, step: int, steps: int, eps: float, gen) -> Tensor:
-    """Dream 'origin': each candidate flips independently with probability 1 - s/t (1 at the last step)."""
-    if step >= steps - 1:
+def select_origin(cand: Tensor, step: Tensor, steps: int, eps: float, gen) -> Tensor:
+    """Dream 'origin': each candidate flips independently with probability 1 - s/t (1 at the last
+    step). step: [B]. Draws one uniform per position while some row is before its last step."""
+    last = step >= steps - 1
+    if bool(last.all()):
         return cand.clone()
-    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
-    p = float(1 - ts[step + 1] / ts[step])
     u = torch.rand(cand.shape, generator=gen, device=cand.device)
-    return cand & (u < p)
+    return cand & ((u < _dream_ratio(steps, step, eps)[:, None]) | last[:, None])
+
+
+def make_rule(cfg, sampler: str, gen):
+    """The commit rule of a DecodeConfig: rule(conf [B, N] (-inf off candidates), cand [B, N],
+    masked [B, N], step [B], quota [B, steps]) -> chosen [B, N] bool.
+
+    threshold / factor (Fast-dLLM), else the sampler's count schedule, which every method shares so
+    that a cache refreshed every step reproduces vanilla exactly: Dream's commits 0 at a block's first
+    step and all that is left at its last; LLaDA's splits the block's masks evenly over its steps
+    (past the schedule, possible when skipping hid a candidate, whatever is left).
+    """
+    steps = cfg.n_steps // (cfg.gen_length // cfg.block_length)
+    if cfg.threshold is not None:
+        return lambda C, cand, masked, step, quota: select_threshold(C, cfg.threshold)
+    if cfg.factor is not None:
+        return lambda C, cand, masked, step, quota: select_factor(C, cfg.factor)
+    if sampler == "dream":
+        if cfg.alg == "origin":
+            return lambda C, cand, masked, step, quota: select_origin(cand, step, steps, cfg.eps, gen)
+        if cfg.alg_temp:
+            return lambda C, cand, masked, step, quota: select_sampled(
+                C, dream_quota(masked.sum(1), steps, step, cfg.eps), cfg.alg_temp, gen)
+        return lambda C, cand, masked, step, quota: select_topk(C, dream_quota(masked.sum(1), steps, step, cfg.eps))
+
+    def llada(C, cand, masked, step, quota):
+        k = quota.gather(1, step.clamp(max=steps - 1)[:, None])[:, 0]
+        return select_topk(C, torch.where(step < steps, k, masked.sum(1)))
+    return llada
+
+
+def delay_eos(C: Tensor, X0: Tensor, prev: Tensor, has_eos: Tensor, eos: int, mask: int) -> Tensor:
+    """ES-dLLM delayed EOS: an EOS proposal at p gets confidence 0 while p - 1 is masked and the row
+    has no EOS yet. C, X0: [B, N] block confidences and proposals; prev: [B, N] tokens at p - 1;
+    has_eos: [B] bool."""
+    block = (X0 == eos) & (prev == mask) & ~has_eos[:, None] & torch.isfinite(C)
+    return torch.where(block, 0.0, C)

@@ -4,8 +4,12 @@ for tests that need a model shape without a checkpoint. Treat the checkpoints as
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, shared by the test modules
 
 try:  # Triton's mode is fixed at its first import: pick the CPU interpreter before anyone imports it.
     import torch as _torch

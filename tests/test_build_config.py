@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from esdllm.runtime.artifacts import BuildConfig, EngineError, EngineSpec, ProfileError, profile_dims
-from esdllm.runtime.model import StepPlan
+from esdllm.runtime.cache import StepPlan
 
 SMALL = dict(max_batch=2, max_prompt=16, gen_length=8, block_length=8)
 
@@ -105,13 +105,21 @@ def test_engine_json_errors(copy_of, breakage, msg):
         EngineSpec.read(root)
 
 
+def _ort(root):
+    from esdllm.runtime.executors import make_executor
+    return make_executor("onnxruntime", engine_dir=root)
+
+
+def _keep(k: int) -> torch.Tensor:
+    return torch.ones(1, k, dtype=torch.bool)
+
+
 def test_missing_variant_file_and_unbuilt_variant(copy_of):
-    from esdllm.runtime.executors import OrtExecutor
-    ex = OrtExecutor(copy_of)
+    ex = _ort(copy_of)
     cache = ex.new_cache(1, 12, (1,))
     cache.set_layout(torch.zeros(1, dtype=torch.long))
     idx = torch.arange(4, 12)[None]
-    plan = StepPlan(keep={1: 2}, write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13))
+    plan = StepPlan(keep={1: _keep(2)}, write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13))
     with pytest.raises(EngineError, match="have no 'skip' graph .*built variants: dense"):
         ex.step(idx, idx, cache, plan)
     (copy_of / "dense.onnx").unlink()
@@ -132,8 +140,7 @@ def test_artifacts_for_another_model(dense_only, dream_ckpt, llada_ckpt):
 
 
 def test_requests_outside_the_profile(dense_only):
-    from esdllm.runtime.executors import OrtExecutor
-    ex = OrtExecutor(dense_only)
+    ex = _ort(dense_only)
     with pytest.raises(ProfileError, match="batch 3 is larger than the built profile's max_batch 2"):
         ex.new_cache(3, 10)
     with pytest.raises(ProfileError, match="canvas length 25 .* exceeds .* 16 \\+ 8 = 24"):
@@ -146,25 +153,23 @@ def test_requests_outside_the_profile(dense_only):
 
 
 def test_plans_outside_the_build(dense_only):
-    from esdllm.runtime.executors import OrtExecutor
-    ex = OrtExecutor(dense_only)
+    ex = _ort(dense_only)
     with pytest.raises(EngineError, match="hidden-state cache at layer 0 .* prune layers \\[1\\]"):
         ex.new_cache(1, 12, (0,))
     cache = ex.new_cache(1, 12, (1,))
     cache.set_layout(torch.zeros(1, dtype=torch.long))
     idx = torch.arange(4, 12)[None]
     es = dict(write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13))
-    with pytest.raises(EngineError, match="the plan prunes at layer 0, but the skip graph .* prunes at layers \\[1\\]"):
-        ex.step(idx, idx, cache, StepPlan(keep={0: 2}, **es))
+    with pytest.raises(ValueError, match="the plan prunes at layer 0, but the skip graph prunes at layers \\[1\\]"):
+        ex.step(idx, idx, cache, StepPlan(keep={0: _keep(2)}, **es))
     with pytest.raises(ValueError, match="plan alpha 0.7 differs from the alpha 0.5"):
-        ex.step(idx, idx, cache, StepPlan(keep={1: 2}, alpha=0.7, **es))
+        ex.step(idx, idx, cache, StepPlan(keep={1: _keep(2)}, alpha=0.7, **es))
 
 
 def test_bfloat16_artifacts_refused_by_onnxruntime(copy_of):
-    from esdllm.runtime.executors import OrtExecutor
     _edit(copy_of, lambda d: d["build"].update(dtype="bfloat16"))
     with pytest.raises(EngineError, match="runs float32 or float16 graphs; .* are bfloat16"):
-        OrtExecutor(copy_of)
+        _ort(copy_of)
 
 
 def test_cli_build_then_generate_with_onnxruntime(llada_ckpt, tmp_path, capsys):

@@ -22,9 +22,11 @@ from esdllm.runtime.artifacts import BuildConfig  # noqa: E402
 from esdllm.build.export_onnx import WEIGHTS_FILE, export_artifacts  # noqa: E402
 from esdllm.plugins import ops  # noqa: E402
 from esdllm.runtime.config import DecodeConfig  # noqa: E402
-from esdllm.runtime.executors import OrtExecutor, TorchExecutor, effective_keep  # noqa: E402
+from esdllm.runtime import contract  # noqa: E402
+from esdllm.runtime.artifacts import EngineSpec  # noqa: E402
+from esdllm.runtime.cache import StepPlan  # noqa: E402
+from esdllm.runtime.executors import TorchExecutor, ort_executor  # noqa: E402
 from esdllm.runtime.generate import generate  # noqa: E402
-from esdllm.runtime.model import StepPlan  # noqa: E402
 from esdllm.runtime.weights import load_model  # noqa: E402
 
 CFG = BuildConfig(max_batch=4, max_prompt=32, gen_length=16, block_length=8)
@@ -54,17 +56,21 @@ def test_token_gather_node_matches_reference():
     model = onnx_ops.single_op_model(
         "token_gather", [("hidden", T.FLOAT, ["B", "n", "d"]), ("prev_hidden", T.FLOAT, ["B", "n", "d"]),
                          ("confidence", T.FLOAT, ["B", "n"]), ("bonus", T.FLOAT, ["B", "n"]),
-                         ("k", T.INT64, [1])], alpha=0.3)
+                         ("keep_mask", T.BOOL, ["B", "k"])], alpha=0.3)
     node = model.graph.node[0]
     assert (node.domain, node.op_type) == ("esdllm", "token_gather")
     assert {a.name: a for a in node.attribute}["plugin_namespace"].s == b"esdllm"
     assert model.ir_version == 10
     for k in (1, 4, n):
-        sel, kept = _run(model, hidden=h, prev_hidden=p, confidence=conf, bonus=bonus, k=np.array([k]))
-        ref_sel, ref_kept = ops.token_gather(h, p, conf, bonus, 0.3, k)
-        assert np.array_equal(sel, ref_sel.numpy()), (k, sel, ref_sel)
-        assert np.array_equal(kept, ref_kept.numpy())
-    assert np.array_equal(sel[2], np.arange(n))
+        for counts in ([k, k, k], [k, max(k - 2, 0), 1]):  # every entry keeps k; entries keep fewer
+            mask = torch.arange(k)[None, :] < torch.tensor(counts)[:, None]
+            sel, kept = _run(model, hidden=h, prev_hidden=p, confidence=conf, bonus=bonus, keep_mask=mask)
+            ref_sel, ref_kept = ops.token_gather(h, p, conf, bonus, mask, 0.3)
+            assert np.array_equal(sel, ref_sel.numpy()), (k, counts, sel, ref_sel)
+            assert np.array_equal(kept, ref_kept.numpy())
+            assert ((sel < n).sum(1) == np.minimum(counts, k)).all()
+        if k == n and counts[2] == k:
+            assert np.array_equal(sel[2], np.arange(n))  # exact ties keep the row order
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
@@ -72,19 +78,15 @@ def test_partial_attention_node_matches_reference(heads, kv_heads):
     g = torch.Generator().manual_seed(1)
     B, n, S, hd = 2, 5, 11, 8
     q = torch.randn(B, heads, n, hd, generator=g)
-    kn, vn = torch.randn(B, kv_heads, n, hd, generator=g), torch.randn(B, kv_heads, n, hd, generator=g)
     kc, vc = torch.randn(B, kv_heads, S, hd, generator=g), torch.randn(B, kv_heads, S, hd, generator=g)
-    rows = torch.stack([torch.randperm(S - 1, generator=g)[:n] for _ in range(B)])
     valid = torch.rand(B, S, generator=g) > 0.3
     valid[:, 0] = True
     valid[:, -1] = False
     model = onnx_ops.single_op_model(
-        "partial_attention", [("q", T.FLOAT, ["B", "H", "n", hd]), ("k_new", T.FLOAT, ["B", "G", "n", hd]),
-                              ("v_new", T.FLOAT, ["B", "G", "n", hd]), ("rows", T.INT64, ["B", "n"]),
-                              ("k_cache", T.FLOAT, ["B", "G", "S", hd]), ("v_cache", T.FLOAT, ["B", "G", "S", hd]),
-                              ("key_valid", T.BOOL, ["B", "S"])])
-    out, = _run(model, q=q, k_new=kn, v_new=vn, rows=rows, k_cache=kc, v_cache=vc, key_valid=valid)
-    ref = ops.partial_attention(q, kn, vn, rows, kc, vc, valid)
+        "partial_attention", [("q", T.FLOAT, ["B", "H", "n", hd]), ("k_cache", T.FLOAT, ["B", "G", "S", hd]),
+                              ("v_cache", T.FLOAT, ["B", "G", "S", hd]), ("key_valid", T.BOOL, ["B", "S"])])
+    out, = _run(model, q=q, k_cache=kc, v_cache=vc, key_valid=valid)
+    ref = ops.partial_attention(q, kc, vc, valid)
     assert torch.allclose(torch.from_numpy(out), ref, atol=1e-5), _report(torch.from_numpy(out), ref)
 
 
@@ -118,7 +120,7 @@ def built(request, tmp_path_factory):
     model = load_model(ckpt)
     out = tmp_path_factory.mktemp(f"{request.param}-artifacts")
     spec = export_artifacts(model, CFG, out, model_dir=ckpt)
-    return model, OrtExecutor(out), spec
+    return model, ort_executor(EngineSpec.read(out)), spec
 
 
 def test_artifacts_carry_plugin_nodes_and_share_weights(built):
@@ -168,6 +170,10 @@ def _caches(ex, model, B, L, pads, hidden):
     return c
 
 
+def _mask(counts, k):
+    return torch.arange(k)[None, :] < torch.tensor(counts)[:, None]
+
+
 def _plans(L, B, prune):
     g = torch.Generator().manual_seed(4)
     conf, bonus = torch.rand(B, L + 1, generator=g), torch.zeros(B, L + 1)
@@ -178,15 +184,15 @@ def _plans(L, B, prune):
     full = torch.arange(L).expand(B, L).clone()
     es = dict(write_hidden=True, confidence=conf, bonus=bonus, alpha=0.5)
     return {
-        "full-head-hidden": (full, StepPlan(head=slice(9, 17), write_hidden=True)),
+        "full-head-hidden": (full, StepPlan(head=torch.arange(9, 17).expand(B, 8), write_hidden=True)),
         "block": (blk, StepPlan()),
-        "skip": (blk, StepPlan(keep={prune: 3}, **es)),
-        "skip-keep-rows": (blk, StepPlan(keep={prune: 4}, keep_rows={prune: torch.tensor([4, 2, 1])}, **es)),
-        "keep-all": (blk, StepPlan(keep={prune: 8}, head=slice(2, 6), **es)),
+        "block-head-rows": (blk, StepPlan(head=torch.tensor([[2, 3], [5, 6], [0, 7]]))),
+        "skip": (blk, StepPlan(keep={prune: _mask([3] * B, 3)}, **es)),
+        "skip-keep-rows": (blk, StepPlan(keep={prune: _mask([4, 2, 1], 4)}, **es)),
     }
 
 
-@pytest.mark.parametrize("kind", ["full-head-hidden", "block", "skip", "skip-keep-rows", "keep-all"])
+@pytest.mark.parametrize("kind", ["full-head-hidden", "block", "block-head-rows", "skip", "skip-keep-rows"])
 def test_ort_step_matches_transformer_step(built, kind):
     model, ort_ex, spec = built
     B, L, pads = 3, 24, torch.tensor([0, 3, 6])
@@ -204,8 +210,7 @@ def test_ort_step_matches_transformer_step(built, kind):
     for a, b in zip(co.k + co.v + list(co.hidden.values()), ct.k + ct.v + list(ct.hidden.values())):
         sl = (slice(None),) * (2 if a.dim() == 4 else 1) + (slice(0, L),)  # slots, trash excluded
         assert torch.allclose(a[sl], b[sl], atol=1e-5), _report(a[sl], b[sl])
-    used = "skip" if effective_keep(plan.keep, idx.shape[1]) else "dense_hidden" if plan.write_hidden else "dense"
-    assert ort_ex.calls[used] > 0
+    assert ort_ex.calls[contract.variant_of(plan, co)] > 0
 
 
 METHODS = [dict(method="vanilla"), dict(method="fast-dllm", cache="dual"),

@@ -27,7 +27,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 from esdllm.plugins import kernels, ops  # noqa: E402
-from test_ops import attention_inputs, gather_inputs  # noqa: E402
+from helpers import attention_inputs, diff as _diff, gather_inputs, keep_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,12 +46,6 @@ def _to(args):
     return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
-    d = (actual.double() - expected.double()).abs()
-    worst = tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape))
-    return f"max diff {d.max().item():.3g}, mean {d.mean().item():.3g}, worst at {worst}"
-
-
 # ---------------------------------------------------------------------------------------------
 # token_gather
 # ---------------------------------------------------------------------------------------------
@@ -60,11 +54,12 @@ def _diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
 @pytest.mark.parametrize("alpha,k", [(0.5, 1), (0.5, 3), (0.3, 7), (1.0, 2), (0.0, 4)])
 def test_token_gather(dtype, alpha, k):
     args = _to(gather_inputs(n=7, d=20, dtype=dtype, seed=k))
-    sel, kept = kernels.token_gather(*args, alpha, k)
-    want_sel, want_kept = ops.token_gather(*args, alpha, k)
-    assert sel.dtype == torch.int64 and kept.dtype == dtype
-    assert torch.equal(sel, want_sel), (sel, want_sel)
-    assert torch.equal(kept, want_kept)
+    for mask in (keep_mask(2, k), keep_mask(2, k, [k, 1])):
+        sel, kept = kernels.token_gather(*args, mask.to(DEVICE), alpha)
+        want_sel, want_kept = ops.token_gather(*args, mask.to(DEVICE), alpha)
+        assert sel.dtype == torch.int64 and kept.dtype == dtype
+        assert torch.equal(sel, want_sel), (sel, want_sel)
+        assert torch.equal(kept, want_kept)
 
 
 def test_token_gather_ties_and_multiple_chunks():
@@ -76,8 +71,9 @@ def test_token_gather_ties_and_multiple_chunks():
     bonus[1, 66] = 3.0
     args = _to((hidden, prev, conf, bonus))
     for k in (5, 12, 40, 70):
-        sel, kept = kernels.token_gather(*args, 0.5, k)
-        want_sel, want_kept = ops.token_gather(*args, 0.5, k)
+        mask = keep_mask(2, k, [k, k // 2]).to(DEVICE)
+        sel, kept = kernels.token_gather(*args, mask, 0.5)
+        want_sel, want_kept = ops.token_gather(*args, mask, 0.5)
         assert torch.equal(sel, want_sel), (k, sel, want_sel)
         assert torch.equal(kept, want_kept)
 
@@ -86,13 +82,14 @@ def test_token_gather_strided_input_and_empty_k():
     hidden, prev, conf, bonus = _to(gather_inputs(n=7, d=20))
     wide = torch.randn(2, 7, 40, device=DEVICE)
     wide[..., ::2] = hidden  # hidden as a non-contiguous view
-    sel, kept = kernels.token_gather(wide[..., ::2], prev, conf, bonus, 0.5, 3)
-    want_sel, want_kept = ops.token_gather(hidden, prev, conf, bonus, 0.5, 3)
+    mask = keep_mask(2, 3).to(DEVICE)
+    sel, kept = kernels.token_gather(wide[..., ::2], prev, conf, bonus, mask, 0.5)
+    want_sel, want_kept = ops.token_gather(hidden, prev, conf, bonus, mask, 0.5)
     assert torch.equal(sel, want_sel) and torch.equal(kept, want_kept)
-    sel, kept = kernels.token_gather(hidden, prev, conf, bonus, 0.5, 0)
+    sel, kept = kernels.token_gather(hidden, prev, conf, bonus, keep_mask(2, 0).to(DEVICE), 0.5)
     assert sel.shape == (2, 0) and kept.shape == (2, 0, 20)
-    with pytest.raises(ValueError, match="k=8"):
-        kernels.token_gather(hidden, prev, conf, bonus, 0.5, 8)
+    with pytest.raises(ValueError, match="keep_mask"):
+        kernels.token_gather(hidden, prev, conf, bonus, keep_mask(2, 8).to(DEVICE), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +111,7 @@ def _check_attention(args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 1)])
 def test_partial_attention(dtype, H, Hkv):
-    # attention_inputs: left padding, a masked trash slot hit by two duplicate padding rows,
-    # and a fresh row on a masked slot
+    # attention_inputs: left padding and a masked trash slot
     _check_attention(_to(attention_inputs(B=2, H=H, Hkv=Hkv, n=7, S=33, hd=16, dtype=dtype, seed=H + Hkv)))
 
 
@@ -125,10 +121,10 @@ def test_partial_attention_odd_head_dim_and_long_canvas():
 
 
 def test_partial_attention_strided_q_and_empty_key_rows():
-    q, k_new, v_new, rows, k_cache, v_cache, key_valid = _to(attention_inputs(H=2, Hkv=2))
+    q, k_cache, v_cache, key_valid = _to(attention_inputs(H=2, Hkv=2))
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, n, H, hd] memory, as after a projection
     key_valid[0] = False  # batch row 0 sees no valid key at all: zeros, like SDPA
-    args = (q_strided, k_new, v_new, rows, k_cache, v_cache, key_valid)
+    args = (q_strided, k_cache, v_cache, key_valid)
     out = kernels.partial_attention(*args)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     _check_attention(args)
@@ -174,5 +170,6 @@ def test_custom_ops_dispatch_to_kernels_on_cuda():
 
     assert library._cuda_impl("partial_attention") is kernels.partial_attention
     args = _to(gather_inputs())
-    for a, b in zip(torch.ops.esdllm.token_gather(*args, 0.5, 3), ops.token_gather(*args, 0.5, 3)):
+    mask = keep_mask(2, 3, [3, 2]).to(DEVICE)
+    for a, b in zip(torch.ops.esdllm.token_gather(*args, mask, 0.5), ops.token_gather(*args, mask, 0.5)):
         assert torch.equal(a, b)

@@ -15,12 +15,7 @@ import pytest
 import torch
 
 from esdllm.plugins import kernels, library, ops
-
-
-def _diff(actual: torch.Tensor, expected: torch.Tensor) -> str:
-    d = (actual.double() - expected.double()).abs()
-    worst = tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape))
-    return f"max diff {d.max().item():.3g}, mean {d.mean().item():.3g}, worst at {worst}"
+from helpers import attention_inputs, diff as _diff, gather_inputs, keep_mask as _keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,10 +36,11 @@ def naive_importance(hidden, prev_hidden, confidence, bonus, alpha):
     return alpha * confidence.double() + (1 - alpha) * var + bonus.double()
 
 
-def naive_token_gather(hidden, prev_hidden, confidence, bonus, alpha, k):
+def naive_token_gather(hidden, prev_hidden, confidence, bonus, keep_mask, alpha):
     score = naive_importance(hidden, prev_hidden, confidence, bonus, alpha)
     B, n, d = hidden.shape
-    sel = torch.zeros(B, k, dtype=torch.int64)
+    k = keep_mask.shape[1]
+    sel, top = torch.zeros(B, k, dtype=torch.int64), torch.zeros(B, k, dtype=torch.int64)
     for b in range(B):
         chosen = []
         for _ in range(k):  # repeatedly take the best remaining; strict > keeps the lower index on ties
@@ -53,19 +49,17 @@ def naive_token_gather(hidden, prev_hidden, confidence, bonus, alpha, k):
                 if i not in chosen and (best is None or score[b, i] > score[b, best]):
                     best = i
             chosen.append(best)
-        sel[b] = torch.tensor(sorted(chosen))
-    kept = torch.stack([torch.stack([hidden[b, i] for i in sel[b].tolist()]) for b in range(B)])
+        own = int(keep_mask[b].sum())  # this entry keeps its own count of the best, in place
+        top[b] = torch.tensor(sorted(chosen))
+        sel[b] = torch.tensor([i if chosen.index(i) < own else n for i in sorted(chosen)])
+    kept = torch.stack([torch.stack([hidden[b, i] for i in top[b].tolist()]) for b in range(B)])
     return sel, kept
 
 
-def naive_partial_attention(q, k_new, v_new, rows, k_cache, v_cache, key_valid):
+def naive_partial_attention(q, k_cache, v_cache, key_valid):
     B, H, n, hd = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    keys, vals = k_cache.double().clone(), v_cache.double().clone()
-    for b in range(B):
-        for j in range(n):
-            keys[b, :, rows[b, j]] = k_new[b, :, j].double()
-            vals[b, :, rows[b, j]] = v_new[b, :, j].double()
+    keys, vals = k_cache.double(), v_cache.double()
     out = torch.zeros(B, H, n, hd, dtype=torch.float64)
     for b in range(B):
         for h in range(H):
@@ -96,36 +90,6 @@ def naive_cache_merge(cache, fresh, rows, dim):
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
-
-def gather_inputs(B=2, n=7, d=20, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prev = torch.randn(B, n, d, generator=g)
-    hidden = prev + 0.5 * torch.rand(B, n, 1, generator=g) * torch.randn(B, n, d, generator=g)
-    conf = torch.rand(B, n, generator=g)
-    bonus = torch.zeros(B, n)
-    bonus[:, 2] = 5.0  # leftmost masked position of the block
-    return hidden.to(dtype), prev.to(dtype), conf, bonus
-
-
-def attention_inputs(B=2, H=4, Hkv=2, n=7, S=33, hd=16, dtype=torch.float32, seed=0):
-    """Slot S-1 is the trash slot: masked, and the target of the last batch row's two padding rows."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, n, hd, generator=g)
-    k_new, v_new = torch.randn(2, B, Hkv, n, hd, generator=g)
-    k_cache, v_cache = torch.randn(2, B, Hkv, S, hd, generator=g)
-    rows = torch.stack([torch.randperm(S - 1, generator=g)[:n] for _ in range(B)])
-    rows[-1, -2:] = S - 1
-    key_valid = torch.ones(B, S, dtype=torch.bool)
-    key_valid[:, -1] = False
-    key_valid[0, :5] = False  # left padding of a shorter prompt
-    key_valid[-1, rows[-1, 0]] = False  # a fresh row on a masked slot must stay masked
-    cast = lambda t: t.to(dtype)
-    return cast(q), cast(k_new), cast(v_new), rows, cast(k_cache), cast(v_cache), key_valid
-
-
-# ---------------------------------------------------------------------------------------------
 # reference ops vs naive loops
 # ---------------------------------------------------------------------------------------------
 
@@ -136,10 +100,12 @@ def test_token_gather_matches_loops(alpha, k):
     score = ops.importance(*args, alpha)
     want = naive_importance(*args, alpha)
     assert torch.allclose(score.double(), want, rtol=1e-5, atol=1e-6), _diff(score, want)
-    sel, kept = ops.token_gather(*args, alpha, k)
-    nsel, nkept = naive_token_gather(*args, alpha, k)
-    assert torch.equal(sel, nsel)
-    assert torch.equal(kept, nkept)
+    for mask in (_keep(2, k), _keep(2, k, [k, max(k - 2, 0)])):
+        sel, kept = ops.token_gather(*args, mask, alpha)
+        nsel, nkept = naive_token_gather(*args, mask, alpha)
+        assert torch.equal(sel, nsel)
+        assert torch.equal(kept, nkept)
+        assert (sel < 7).sum(1).tolist() == mask.sum(1).tolist()
 
 
 def test_token_gather_ties_go_to_lower_index():
@@ -147,17 +113,20 @@ def test_token_gather_ties_go_to_lower_index():
     hidden[:, 1:] = prev[:, 1:]  # zero variation everywhere but row 0
     conf[:] = 0.25
     conf[:, 6] = 0.75
-    sel, kept = ops.token_gather(hidden, prev, conf, bonus, 0.5, 4)
+    sel, kept = ops.token_gather(hidden, prev, conf, bonus, _keep(2, 4), 0.5)
     # row 2 (bonus), row 6 (confidence), row 0 (variation), then the lowest of the tied rest: row 1
     assert sel.tolist() == [[0, 1, 2, 6]] * 2
-    nsel, nkept = naive_token_gather(hidden, prev, conf, bonus, 0.5, 4)
+    nsel, nkept = naive_token_gather(hidden, prev, conf, bonus, _keep(2, 4), 0.5)
     assert torch.equal(sel, nsel) and torch.equal(kept, nkept)
+    # keeping 3 of the 4 drops the last-ranked (row 1) in place; keeping 1 keeps the bonus row
+    sel, _ = ops.token_gather(hidden, prev, conf, bonus, _keep(2, 4, [3, 1]), 0.5)
+    assert sel.tolist() == [[0, 9, 2, 6], [9, 9, 2, 9]]
 
 
 def test_token_gather_bf16_rows_are_copied_exactly():
     args = gather_inputs(dtype=torch.bfloat16, seed=3)
-    sel, kept = ops.token_gather(*args, 0.5, 3)
-    nsel, nkept = naive_token_gather(*args, 0.5, 3)
+    sel, kept = ops.token_gather(*args, _keep(2, 3), 0.5)
+    nsel, nkept = naive_token_gather(*args, _keep(2, 3), 0.5)
     assert kept.dtype == torch.bfloat16
     assert torch.equal(sel, nsel) and torch.equal(kept, nkept)
 
@@ -181,12 +150,11 @@ def test_partial_attention_bf16():
 
 
 def test_partial_attention_row_without_valid_key_is_zero():
-    q, k_new, v_new, rows, k_cache, v_cache, key_valid = attention_inputs()
+    q, k_cache, v_cache, key_valid = attention_inputs()
     key_valid[0] = False
-    out = ops.partial_attention(q, k_new, v_new, rows, k_cache, v_cache, key_valid)
+    out = ops.partial_attention(q, k_cache, v_cache, key_valid)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    assert torch.allclose(out[1].double(), naive_partial_attention(q, k_new, v_new, rows, k_cache, v_cache,
-                                                                   key_valid)[1], atol=1e-5)
+    assert torch.allclose(out[1].double(), naive_partial_attention(q, k_cache, v_cache, key_valid)[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("dim", [1, 2])
@@ -227,7 +195,8 @@ def test_cache_merge_duplicate_trash_slots():
 
 def test_opcheck_token_gather():
     for dtype in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(torch.ops.esdllm.token_gather.default, (*gather_inputs(dtype=dtype), 0.5, 3))
+        torch.library.opcheck(torch.ops.esdllm.token_gather.default,
+                              (*gather_inputs(dtype=dtype), _keep(2, 3, [3, 1]), 0.5))
 
 
 def test_opcheck_partial_attention():
@@ -245,7 +214,7 @@ def test_opcheck_cache_merge(dim):
 
 def test_custom_ops_agree_with_references():
     g_args = gather_inputs()
-    for a, b in zip(torch.ops.esdllm.token_gather(*g_args, 0.5, 3), ops.token_gather(*g_args, 0.5, 3)):
+    for a, b in zip(torch.ops.esdllm.token_gather(*g_args, _keep(2, 3), 0.5), ops.token_gather(*g_args, _keep(2, 3), 0.5)):
         assert torch.equal(a, b)
     a_args = attention_inputs()
     assert torch.equal(torch.ops.esdllm.partial_attention(*a_args), ops.partial_attention(*a_args))
@@ -253,20 +222,22 @@ def test_custom_ops_agree_with_references():
     want = ops.cache_merge(cache.clone(), fresh, rows, 2)
     assert torch.ops.esdllm.cache_merge(cache, fresh, rows, 2) is None
     assert torch.equal(cache, want)
-    with pytest.raises(ValueError, match="k=8"):
-        torch.ops.esdllm.token_gather(*g_args, 0.5, 8)
+    with pytest.raises(ValueError, match=r"keep_mask \(2, 8\) must be \[B, k\] with k <= n"):
+        torch.ops.esdllm.token_gather(*g_args, _keep(2, 8), 0.5)
 
 
 class _ThreeOps(torch.nn.Module):
-    def forward(self, hidden, prev, conf, bonus, q, k_new, v_new, rows, k_cache, v_cache, key_valid):
-        sel, kept = torch.ops.esdllm.token_gather(hidden, prev, conf, bonus, 0.5, 3)
-        out = torch.ops.esdllm.partial_attention(q, k_new, v_new, rows, k_cache, v_cache, key_valid)
+    def forward(self, hidden, prev, conf, bonus, keep, q, k_cache, v_cache, key_valid, k_new, rows):
+        sel, kept = torch.ops.esdllm.token_gather(hidden, prev, conf, bonus, keep, 0.5)
         torch.ops.esdllm.cache_merge(k_cache, k_new, rows, 2)
+        out = torch.ops.esdllm.partial_attention(q, k_cache, v_cache, key_valid)
         return sel, kept, out
 
 
 def test_export_sees_one_node_per_op():
-    ep = torch.export.export(_ThreeOps(), (*gather_inputs(), *attention_inputs(H=4, Hkv=4)))
+    k_new, rows = torch.randn(2, 4, 3, 16), torch.tensor([[0, 1, 2], [3, 4, 5]])
+    ep = torch.export.export(_ThreeOps(), (*gather_inputs(), _keep(2, 3), *attention_inputs(H=4, Hkv=4),
+                                           k_new, rows))
     # a functionalising export would wrap the mutating op in auto_functionalized: look inside it too
     targets = [str(node.args[0] if "auto_functionalized" in str(node.target) else node.target)
                for node in ep.graph.nodes if node.op == "call_function"]
@@ -294,6 +265,8 @@ import torch
 from esdllm.plugins import kernels, library, ops
 assert not kernels.available()
 assert library._cuda_impl("cache_merge") is ops.cache_merge  # CUDA ops would run the reference
+from esdllm.plugins import backends
+assert backends.for_device("cpu") is backends.REFERENCE
 try:
     kernels.cache_merge(torch.zeros(1, 2, 3), torch.ones(1, 1, 3), torch.tensor([[0]]), 1)
 except ImportError as e:

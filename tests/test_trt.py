@@ -17,13 +17,13 @@ import torch
 from onnx import TensorProto as T
 
 from esdllm.build import engine, onnx_ops
+from esdllm.runtime import contract
 from esdllm.runtime.artifacts import BuildConfig, profile_dims
 from esdllm.plugins import ops, trt_plugins as tp
 from esdllm.runtime.config import DecodeConfig, ModelArgs
 from esdllm.runtime.executors import TorchExecutor
 from esdllm.runtime.generate import generate
 from esdllm.runtime.model import Transformer
-from esdllm.runtime.trt_executor import TrtExecutor
 
 
 def _has(module: str) -> bool:
@@ -46,11 +46,10 @@ CFG = BuildConfig(max_batch=2, max_prompt=16, gen_length=16, block_length=8)
 SINGLE = {
     "token_gather": ([("hidden", T.FLOAT, ["batch", "rows", 64]), ("prev_hidden", T.FLOAT, ["batch", "rows", 64]),
                       ("confidence", T.FLOAT, ["batch", "rows"]), ("bonus", T.FLOAT, ["batch", "rows"]),
-                      ("k", T.INT64, [1])], {"alpha": 0.5}),
-    "partial_attention": ([("q", T.FLOAT, ["batch", 4, "rows", 16]), ("k_new", T.FLOAT, ["batch", 2, "rows", 16]),
-                           ("v_new", T.FLOAT, ["batch", 2, "rows", 16]), ("rows", T.INT64, ["batch", "rows"]),
-                           ("k_cache", T.FLOAT, ["batch", 2, "slots", 16]), ("v_cache", T.FLOAT, ["batch", 2, "slots", 16]),
-                           ("key_valid", T.BOOL, ["batch", "slots"])], {}),
+                      ("keep_mask", T.BOOL, ["batch", "keep_0"])], {"alpha": 0.5}),
+    "partial_attention": ([("q", T.FLOAT, ["batch", 4, "rows", 16]), ("k_cache", T.FLOAT, ["batch", 2, "slots", 16]),
+                           ("v_cache", T.FLOAT, ["batch", 2, "slots", 16]), ("key_valid", T.BOOL, ["batch", "slots"])],
+                          {}),
     "cache_merge": ([("cache", T.FLOAT, ["batch", 2, "slots", 16]), ("fresh", T.FLOAT, ["batch", 2, "rows", 16]),
                      ("rows", T.INT64, ["batch", "rows"])], {"dim": 2}),
 }
@@ -65,21 +64,21 @@ def _single_feeds(op: str, B: int = 2, n: int = 5, S: int = 12, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     rows = torch.stack([torch.randperm(S - 1, generator=g)[:n] for _ in range(B)])
     if op == "token_gather":
+        keep = torch.ones(B, 3, dtype=torch.bool)
+        keep[-1, 1:] = False  # the last entry keeps only its most important row
         return {"hidden": torch.randn(B, n, 64, generator=g), "prev_hidden": torch.randn(B, n, 64, generator=g),
-                "confidence": torch.rand(B, n, generator=g), "bonus": torch.zeros(B, n), "k": torch.tensor([3])}
+                "confidence": torch.rand(B, n, generator=g), "bonus": torch.zeros(B, n), "keep_mask": keep}
     if op == "partial_attention":
         valid = torch.ones(B, S, dtype=torch.bool)
         valid[:, -1] = False
-        return {"q": torch.randn(B, 4, n, 16, generator=g), "k_new": torch.randn(B, 2, n, 16, generator=g),
-                "v_new": torch.randn(B, 2, n, 16, generator=g), "rows": rows,
-                "k_cache": torch.randn(B, 2, S, 16, generator=g), "v_cache": torch.randn(B, 2, S, 16, generator=g),
-                "key_valid": valid}
+        return {"q": torch.randn(B, 4, n, 16, generator=g), "k_cache": torch.randn(B, 2, S, 16, generator=g),
+                "v_cache": torch.randn(B, 2, S, 16, generator=g), "key_valid": valid}
     return {"cache": torch.randn(B, 2, S, 16, generator=g), "fresh": torch.randn(B, 2, n, 16, generator=g), "rows": rows}
 
 
 def _reference(op: str, f: dict) -> list[torch.Tensor]:
     if op == "token_gather":
-        return list(ops.token_gather(f["hidden"], f["prev_hidden"], f["confidence"], f["bonus"], 0.5, int(f["k"][0])))
+        return list(ops.token_gather(f["hidden"], f["prev_hidden"], f["confidence"], f["bonus"], f["keep_mask"], 0.5))
     if op == "partial_attention":
         return [ops.partial_attention(*f.values())]
     return [ops.cache_merge(f["cache"].clone(), f["fresh"], f["rows"], 2)]
@@ -91,10 +90,10 @@ def _reference(op: str, f: dict) -> list[torch.Tensor]:
 
 def test_descriptor_rules_give_output_shapes_and_dtypes():
     h = ((2, 7, 64), "bfloat16")
-    sel, kept = tp.token_gather_outputs(h, h, ((2, 7), "float32"), ((2, 7), "float32"), ((1,), "int64"), 3)
+    sel, kept = tp.token_gather_outputs(h, h, ((2, 7), "float32"), ((2, 7), "float32"), ((2, 3), "bool"))
     assert sel == ((2, 3), "int64") and kept == ((2, 3, 64), "bfloat16")
-    q, kv, cache = ((2, 8, 5, 16), "float16"), ((2, 2, 5, 16), "float16"), ((2, 2, 12, 16), "float16")
-    assert tp.partial_attention_outputs(q, kv, kv, ((2, 5), "int64"), cache, cache, ((2, 12), "bool")) == (q,)
+    q, cache = ((2, 8, 5, 16), "float16"), ((2, 2, 12, 16), "float16")
+    assert tp.partial_attention_outputs(q, cache, cache, ((2, 12), "bool")) == (q,)
     assert tp.cache_merge_outputs(((2, 12, 64), "float32"), ((2, 5, 64), "float32"), ((2, 5), "int64"), 1) \
         == (((2, 12, 64), "float32"),)
 
@@ -102,14 +101,16 @@ def test_descriptor_rules_give_output_shapes_and_dtypes():
 def test_descriptor_rules_name_the_bad_input():
     h = ((2, 7, 64), "float32")
     with pytest.raises(ValueError, match="'confidence' must have rank 2"):
-        tp.token_gather_outputs(h, h, ((2, 7, 1), "float32"), ((2, 7), "float32"), ((1,), "int64"), 3)
+        tp.token_gather_outputs(h, h, ((2, 7, 1), "float32"), ((2, 7), "float32"), ((2, 3), "bool"))
     with pytest.raises(ValueError, match=r"k=9 must be in \[0, n=7\]"):
-        tp.token_gather_outputs(h, h, ((2, 7), "float32"), ((2, 7), "float32"), ((1,), "int64"), 9)
+        tp.token_gather_outputs(h, h, ((2, 7), "float32"), ((2, 7), "float32"), ((2, 9), "bool"))
+    with pytest.raises(ValueError, match="'keep_mask' has dtype int64"):
+        tp.token_gather_outputs(h, h, ((2, 7), "float32"), ((2, 7), "float32"), ((2, 3), "int64"))
     q, kv, cache = ((2, 6, 5, 16), "float32"), ((2, 4, 5, 16), "float32"), ((2, 4, 12, 16), "float32")
     with pytest.raises(ValueError, match="query heads 6 are not a multiple of kv heads 4"):
-        tp.partial_attention_outputs(q, kv, kv, ((2, 5), "int64"), cache, cache, ((2, 12), "bool"))
+        tp.partial_attention_outputs(q, cache, cache, ((2, 12), "bool"))
     with pytest.raises(ValueError, match="'key_valid' has dtype float32"):
-        tp.partial_attention_outputs(q, kv, kv, ((2, 5), "int64"), cache, cache, ((2, 12), "float32"))
+        tp.partial_attention_outputs(q, cache, cache, ((2, 12), "float32"))
     with pytest.raises(ValueError, match="dim=3"):
         tp.cache_merge_outputs(cache, kv, ((2, 5), "int64"), 3)
 
@@ -192,10 +193,7 @@ def test_cache_merge_aot_kernel_compiles_to_ptx_for_hopper():
 # Graph preparation (onnx + onnxruntime)
 # ---------------------------------------------------------------------------------------------
 
-def test_tensorrt_preparation_adds_size_outputs_and_plugin_modes(tmp_path):
-    m = _single("token_gather")
-    engine.add_size_outputs(m)
-    assert list(m.graph.node[0].output) == ["sel", "kept", "kept" + engine.SIZE_OUTPUT_SUFFIX]
+def test_tensorrt_preparation_sets_plugin_modes(tmp_path):
     path = tmp_path / "cm.onnx"
     onnx.save(_single("cache_merge"), path)
     for mode, want in (("aot", 1), ("jit", 0)):
@@ -253,29 +251,40 @@ def tiny_export(tmp_path_factory):
     return model, spec
 
 
-class _OrtSession:
-    """Session.run's contract over onnxruntime, to drive TrtExecutor.step on the CPU."""
+class _AliasingSession:
+    """An engine that merges caches in place, as TensorRT's aliased cache_merge plugin does: runs the
+    graph with onnxruntime, writes each merged cache into its input tensor and returns that tensor."""
 
     def __init__(self, path):
-        import onnxruntime as ort
-        self.sess = ort.InferenceSession(str(path))
-        self.names = [o.name for o in self.sess.get_outputs()]
+        from esdllm.runtime.executors import OrtSession
+        self.inner = OrtSession(path, ["CPUExecutionProvider"])
+        self.aliased = 0
 
-    def run(self, feeds, device):
-        out = self.sess.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})
-        return {n: torch.from_numpy(o) for n, o in zip(self.names, out)}
+    def run(self, feeds):
+        outs = self.inner.run(feeds)
+        for name, t in feeds.items():
+            out = contract.output_name(name) if "." in name and not name.startswith("keep_mask") else None
+            if out in outs:
+                t.copy_(outs[out])
+                outs[out] = t
+                self.aliased += 1
+        return outs
 
 
 @pytest.mark.parametrize("method", ["vanilla", "fast-dllm", "es-dllm"])
-def test_trt_executor_step_logic_matches_torch(tiny_export, method):
+def test_graph_executor_with_in_place_sessions_matches_torch(tiny_export, method):
+    """The TensorRT executor's cache semantics (aliased outputs: nothing copied back), on the CPU."""
+    from esdllm.runtime.executors import GraphExecutor
+
     model, spec = tiny_export
-    sessions = {name: _OrtSession(spec.variant_file(name)) for name in spec.variants}
-    ex = TrtExecutor.with_sessions(spec, sessions, device="cpu")
+    sessions = {name: _AliasingSession(spec.variant_file(name)) for name in spec.variants}
+    ex = GraphExecutor(spec, sessions, "cpu", "tensorrt")
     cfg = DecodeConfig(method=method, gen_length=16, block_length=8, steps=8,
                        threshold=0.9 if method != "vanilla" else None)
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     want = generate(TorchExecutor(model), prompts, cfg).tokens
     assert torch.equal(generate(ex, prompts, cfg).tokens, want)
+    assert sum(sess.aliased for sess in sessions.values()) > 0
 
 
 def test_local_functions_avoid_ops_tensorrt_cannot_parse():
@@ -290,7 +299,7 @@ def test_tensorrt_rtx_parses_and_builds_the_exported_graphs(tiny_export, tmp_pat
     _, spec = tiny_export
     paths = {name: spec.variant_file(name) for name in spec.variants}
     t0 = time.perf_counter()
-    built = engine.build_engines(paths, CFG, "tensorrt-rtx", tmp_path, progress=False)
+    built = engine.build_engines(paths, CFG, "tensorrt-rtx", tmp_path, len(spec.prune_layers), progress=False)
     assert set(built) == set(spec.variants) == {"dense", "dense_hidden", "skip"}
     for name, path in built.items():
         assert path.name == f"{name}.rtx.plan" and path.stat().st_size > 10_000
@@ -305,8 +314,8 @@ def test_tensorrt_rtx_builds_each_op_reference(op, tmp_path):
     path = tmp_path / f"{op}.onnx"
     onnx.save(_single(op), path)
     prepared = engine.prepare_onnx(path, "tensorrt-rtx")
-    profile = engine.profile_from_onnx(onnx.load(prepared), profile_dims(CFG))
-    plan = engine.build_engine(trt, prepared, [profile], "tensorrt-rtx", graph=op, shape_values={"k": (1, 4, 17)})
+    profile = engine.profile_from_onnx(onnx.load(prepared), profile_dims(CFG, 1))
+    plan = engine.build_engine(trt, prepared, [profile], "tensorrt-rtx", graph=op)
     assert len(plan) > 10_000
 
 
@@ -337,17 +346,17 @@ def test_plugins_are_registered():
 @needs_trt
 @pytest.mark.parametrize("op", list(SINGLE))
 def test_one_plugin_network_matches_reference(op, tmp_path):
-    from esdllm.runtime.trt_executor import Session, trt_logger
+    from esdllm.runtime.trt_session import TrtSession, trt_logger
 
     trt = engine.import_backend("tensorrt")
     path = tmp_path / f"{op}.onnx"
     onnx.save(_single(op), path)
     prepared = engine.prepare_onnx(path, "tensorrt", "jit")
-    profile = engine.profile_from_onnx(onnx.load(prepared), profile_dims(CFG))
-    plan = engine.build_engine(trt, prepared, [profile], "tensorrt", graph=op, shape_values={"k": (1, 4, 17)})
-    sess = Session(trt, trt.Runtime(trt_logger(trt)), plan, op)
+    profile = engine.profile_from_onnx(onnx.load(prepared), profile_dims(CFG, 1))
+    plan = engine.build_engine(trt, prepared, [profile], "tensorrt", graph=op)
+    sess = TrtSession(trt, trt.Runtime(trt_logger(trt)), plan, op, "cuda")
     feeds = _single_feeds(op)
-    outs = sess.run({k: v.clone() for k, v in feeds.items()}, torch.device("cuda"))
+    outs = sess.run({k: v.clone() for k, v in feeds.items()})
     for name, ref in zip(onnx_ops.SIGNATURES[op][1], _reference(op, feeds)):
         torch.testing.assert_close(outs[name].cpu(), ref, rtol=1e-4, atol=1e-4)
 
@@ -357,10 +366,11 @@ def test_trt_executor_tokens_match_torch(tiny_export, tmp_path):
     model, spec = tiny_export
     cfg = BuildConfig(**{**CFG.to_dict(), "backend": "tensorrt", "plugins": "jit"})
     built = engine.build_engines({n: spec.variant_file(n) for n in spec.variants}, cfg, "tensorrt", spec.root,
-                                 progress=False)
+                                 len(spec.prune_layers), progress=False)
     spec.engines = {n: p.name for n, p in built.items()}
     spec.write()
-    ex = TrtExecutor(spec.root, device="cuda", backend="tensorrt")
+    from esdllm.runtime.trt_session import trt_executor
+    ex = trt_executor(spec, device="cuda", backend="tensorrt")
     ref = TorchExecutor(model.cuda())
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     for method in ("vanilla", "es-dllm"):

@@ -1,0 +1,105 @@
+"""The explicit state of decoding: the `Cache` a forward reads and writes, the `StepPlan` an executor
+runs, and the `StepContext` a policy plans from.
+
+Every forward, vanilla included, runs a set of canvas rows against the Cache: the rows' fresh K/V
+(and, at prune layers, hidden states) are written into it by index, then the rows attend to every
+valid canvas slot. Slot L (one past the canvas) is the trash slot: never a valid key, the target of
+every padding entry and every row a batch entry does not need, so ragged per-row work fits one dense
+shape and a row's result never depends on its batch mates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import ModelArgs
+
+
+class Cache:
+    """Preallocated per-layer K and V for every canvas slot, plus hidden states at prune layers.
+
+    k[l], v[l]: [B, n_kv_heads, L + 1, head_dim]; hidden[l]: [B, L + 1, dim] for l in hidden_layers;
+    positions: [B, L + 1] int64, the true RoPE position of each slot (left padding aware);
+    key_valid: [B, L + 1] bool, False for left padding and the trash slot.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device,
+                 hidden_layers: tuple[int, ...] = ()):
+        self.batch, self.length = batch, length
+        shape = (batch, args.n_kv_heads, length + 1, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.hidden = {l: torch.zeros(batch, length + 1, args.dim, dtype=dtype, device=device)
+                       for l in hidden_layers}
+        self.positions = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
+
+    @property
+    def trash(self) -> int:
+        return self.length
+
+    def set_layout(self, pad_lens: Tensor) -> None:
+        """pad_lens: [B] int, number of left-padding slots per row."""
+        ar = torch.arange(self.length, device=self.positions.device)
+        pos = ar[None, :] - pad_lens.to(ar.device)[:, None]
+        self.positions[:, : self.length] = pos.clamp_min(0)
+        self.positions[:, self.length] = 0
+        self.key_valid[:, : self.length] = pos >= 0
+        self.key_valid[:, self.length] = False
+
+
+@dataclass
+class StepPlan:
+    """What one forward does beyond running its rows against the cache.
+
+    head: [B, m] int64, which of the rows alive after the last layer reach the LM head (None: all).
+    keep: {prune layer: keep_mask [B, k] bool}: at that layer's output keep the k most important rows,
+        entry b only its first keep_mask[b].sum() of them (the rest go to the trash slot). Only layers
+        that really prune are listed (k below the rows alive there).
+    write_hidden: store the surviving rows' hidden states at the prune layers (ES-dLLM).
+    confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
+    """
+
+    head: Tensor | None = None
+    keep: dict[int, Tensor] = field(default_factory=dict)
+    write_hidden: bool = False
+    confidence: Tensor | None = None
+    bonus: Tensor | None = None
+    alpha: float = 0.5
+
+    def rows_per_layer(self, n: int, n_layers: int) -> float:
+        """Rows processed per layer, averaged over layers (the dense compute of one forward of n rows)."""
+        total, cur = 0, n
+        for l in range(n_layers):
+            total += cur
+            if l in self.keep:
+                cur = self.keep[l].shape[1]
+        return total / n_layers
+
+
+@dataclass
+class StepContext:
+    """One forward's rows, as a policy plans and commits them.
+
+    x: [B, L] canvas (mask_id where undecided), written by the policy's commit; s: [B] int64 start of
+    each row's current block, s_host the same on the host (shapes are decided from host values); bl:
+    block length; step: [B] each row's step inside its block; phase: what kind of forward this is
+    (Policy.phase, the same for every row); active: [B] bool, rows that decode (the others idle on
+    the trash slot); gen_start: the canvas column where generation begins (prompts are left-padded).
+    """
+
+    x: Tensor
+    s: Tensor
+    s_host: list[int]
+    bl: int
+    step: Tensor
+    phase: object
+    active: Tensor
+    gen_start: int
+
+    @property
+    def cols(self) -> Tensor:
+        """[B, bl] canvas columns of each row's current block."""
+        return self.s[:, None] + torch.arange(self.bl, device=self.s.device)
