@@ -16,12 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DecodeConfig, ModelArgs
+from .config import DTYPES, DecodeConfig, ModelArgs
 
 ENGINE_JSON = "engine.json"
 FORMAT, FORMAT_VERSION = "esdllm-engine", 1
 BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx")
-DTYPES = ("float32", "float16", "bfloat16")
 VARIANTS = ("dense", "dense_hidden", "skip")
 PLUGIN_MODES = ("aot", "jit", "none")
 _D = DecodeConfig()

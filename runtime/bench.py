@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DecodeConfig, ModelArgs
+from .config import DECODE_PRESETS, DTYPES, DecodeConfig, ModelArgs
 from .generate import generate
 from .model import Transformer
 
@@ -52,13 +52,7 @@ PRESETS = {
                        prompt=1024, gen=256, block=64, batch=8, dtype="bfloat16"),
 }
 
-METHODS = {
-    "vanilla": dict(method="vanilla"),
-    "fast-dllm-dual": dict(method="fast-dllm", cache="dual"),
-    "fast-dllm-dual-t0.9": dict(method="fast-dllm", cache="dual", threshold=0.9),
-    "es-dllm": dict(method="es-dllm"),
-    "es-dllm-t0.9": dict(method="es-dllm", threshold=0.9),
-}
+METHODS = ("vanilla", "fast-dllm-dual", "fast-dllm-dual-t0.9", "es-dllm", "es-dllm-t0.9")  # config.DECODE_PRESETS
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 
 
@@ -94,7 +88,7 @@ def run_bench_checkpoint(model_dir, methods: list[str], device: str = "cpu", dty
 def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, methods: list[str], device: str,
          rounds: int, progress: bool, stop_ids: set[int]) -> dict:
     base = DecodeConfig(gen_length=gen, block_length=block, prompt_update_freq=max(64, block), block_update_freq=16)
-    cfgs = {m: base.replace(**METHODS[m]) for m in methods}
+    cfgs = {m: base.replace(**DECODE_PRESETS[m]) for m in methods}
     res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0) for m in methods}
     total = len(methods) * (rounds + 1)
     bar = _bar(progress, total)
@@ -172,9 +166,9 @@ def _cmd(ns) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     methods = ns.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in DECODE_PRESETS]
     if unknown:
-        raise ValueError(f"unknown bench method(s) {unknown}; expected some of {list(METHODS)}")
+        raise ValueError(f"unknown bench method(s) {unknown}; expected some of {list(DECODE_PRESETS)}")
     if ns.preset and ns.model:
         raise ValueError("pass --preset (random weights at a shape) or --model (a checkpoint), not both")
     if ns.preset:
@@ -201,7 +195,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="methods side by side on a checkpoint or a preset shape (table + JSON line)")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="random weights at this shape instead")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="with --model")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model")
     p.add_argument("--methods", default=",".join(m for m in METHODS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None)

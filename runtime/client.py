@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import task
+from .config import CACHES, METHODS
+from .serving import INPUTS
 
 MODEL_NAME = "esdllm"
-# input -> Triton dtype (config.pbtxt); everything but text_input is optional
-INPUT_TYPES = {"text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "chat": "BOOL",
-               "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "random_seed": "UINT64",
-               "method": "BYTES", "block_length": "INT32", "steps": "INT32", "threshold": "FP32",
-               "cache": "BYTES", "skip_proportions": "FP32", "skip_positions": "FP32"}
+# input -> tritonclient datatype, from the served model's one input table
+INPUT_TYPES = {i.name: i.client_dtype for i in INPUTS}
 _NP = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32, "UINT64": np.uint64}
 
 
@@ -205,13 +204,13 @@ def _common(p) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each response")
     p.add_argument("--stream", action="store_true", help="stream one response per decided block")
     p.add_argument("--max-tokens", type=int, default=None, help="gen length (default: the server's)")
-    p.add_argument("--method", default=None, choices=["vanilla", "fast-dllm", "es-dllm"])
+    p.add_argument("--method", default=None, choices=METHODS)
     p.add_argument("--block-length", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--random-seed", type=int, default=None)
-    p.add_argument("--cache", default=None, choices=["prefix", "dual", "none"])
+    p.add_argument("--cache", default=None, choices=CACHES)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
 
 

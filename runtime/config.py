@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 FAMILIES = ("llada", "dream")
 METHODS = ("vanilla", "fast-dllm", "es-dllm")
+CACHES = ("prefix", "dual", "none")
+DTYPES = ("float32", "float16", "bfloat16")   # runtime/weights.py maps them to torch dtypes
+SAMPLERS = ("llada", "dream")
+REMASKING = ("low_confidence", "random")
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+# Named decoding settings, one table for bench, eval and the docs: <method>[-<cache>][-t<threshold>].
+DECODE_PRESETS: dict[str, dict] = {
+    "vanilla": dict(method="vanilla"),
+    "fast-dllm-dual": dict(method="fast-dllm", cache="dual"),
+    "fast-dllm-dual-t0.9": dict(method="fast-dllm", cache="dual", threshold=0.9),
+    "fast-dllm-prefix-t0.9": dict(method="fast-dllm", cache="prefix", threshold=0.9),
+    "es-dllm": dict(method="es-dllm"),
+    "es-dllm-t0.9": dict(method="es-dllm", threshold=0.9),
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,11 @@ class DecodeConfig:
 
 
 def _validate(c: DecodeConfig) -> str | None:
+    for f in dataclasses.fields(c):  # NaN and infinities are refused everywhere, whatever the field
+        v = getattr(c, f.name)
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                return f"{f.name} must be a finite number, got {x}"
     if c.method not in METHODS:
         return f"unknown method {c.method!r}; expected one of {METHODS}"
     if c.gen_length <= 0:
@@ -115,26 +136,30 @@ def _validate(c: DecodeConfig) -> str | None:
     n_blocks = c.gen_length // c.block_length
     if c.n_steps <= 0 or c.n_steps % n_blocks:
         return f"steps {c.n_steps} is not a positive multiple of the number of blocks {n_blocks}"
-    if c.sampler not in (None, "llada", "dream"):
-        return f"unknown sampler {c.sampler!r}; expected 'llada' or 'dream'"
+    if c.sampler not in (None, *SAMPLERS):
+        return f"unknown sampler {c.sampler!r}; expected one of {SAMPLERS}"
     if c.temperature < 0:
         return f"temperature must be >= 0, got {c.temperature}"
-    if c.remasking not in ("low_confidence", "random"):
-        return f"unknown remasking {c.remasking!r}; expected 'low_confidence' or 'random'"
-    if c.alg not in ("origin", "maskgit_plus", "topk_margin", "entropy"):
-        return f"unknown alg {c.alg!r}; expected origin, maskgit_plus, topk_margin or entropy"
+    if c.remasking not in REMASKING:
+        return f"unknown remasking {c.remasking!r}; expected one of {REMASKING}"
+    if c.alg not in ALGS:
+        return f"unknown alg {c.alg!r}; expected one of {ALGS}"
+    if c.alg_temp is not None and c.alg_temp < 0:
+        return f"alg_temp must be >= 0, got {c.alg_temp}"
+    if not 0 < c.eps < 1:
+        return f"eps must be in (0, 1), got {c.eps}"
     if c.top_p is not None and not 0 < c.top_p <= 1:
         return f"top_p must be in (0, 1], got {c.top_p}"
     if c.top_k is not None and c.top_k <= 0:
         return f"top_k must be positive, got {c.top_k}"
     if c.threshold is not None and c.factor is not None:
         return "threshold and factor are exclusive parallel-decoding rules; give one"
-    if c.threshold is not None and not 0 < c.threshold:
-        return f"threshold must be > 0, got {c.threshold}"
+    if c.threshold is not None and not 0 < c.threshold <= 1:
+        return f"threshold must be in (0, 1], got {c.threshold}"
     if c.factor is not None and not c.factor > 0:
         return f"factor must be > 0, got {c.factor}"
-    if c.cache not in ("prefix", "dual", "none"):
-        return f"unknown cache {c.cache!r}; expected prefix, dual or none"
+    if c.cache not in CACHES:
+        return f"unknown cache {c.cache!r}; expected one of {CACHES}"
     if c.cache_refresh < 0:
         return f"cache_refresh must be >= 0, got {c.cache_refresh}"
     if c.cfg_scale < 0:

@@ -18,22 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import task
-from .config import DecodeConfig
+from .config import DECODE_PRESETS, DecodeConfig
 
 EVAL_SEED = 1234  # training draws split "train" with its own seed; this seed is for held-out only
-# The settings: Fast-dLLM dual cache + threshold 0.9; ES-dLLM paper defaults + threshold 0.9.
-METHOD_PRESETS = {
-    "vanilla": dict(method="vanilla"),
-    "fast-dllm": dict(method="fast-dllm", cache="dual", threshold=0.9),
-    "fast-dllm-prefix": dict(method="fast-dllm", cache="prefix", threshold=0.9),
-    "es-dllm": dict(method="es-dllm", threshold=0.9),
-    "es-dllm-1tok": dict(method="es-dllm"),
-}
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    methods: tuple[str, ...] = ("vanilla", "fast-dllm", "es-dllm")
+    methods: tuple[str, ...] = ("vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9")  # config.DECODE_PRESETS
     n: int = 200
     seed: int = EVAL_SEED
     gen_length: int = 64
@@ -41,14 +33,13 @@ class EvalConfig:
     steps: int | None = None           # None: gen_length (one token a step without a threshold)
     families: tuple[str, ...] = task.FAMILIES
     natural_lengths: bool = True       # each family at task.NATURAL_GEN (gen_length only where it has none)
-    threshold: float = 0.9             # for the methods whose preset uses one
     batch_size: int = 16
     chat: bool = False
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in METHOD_PRESETS]
+        bad = [m for m in self.methods if m not in DECODE_PRESETS]
         if bad or not self.methods:
-            raise ValueError(f"unknown method {bad[0] if bad else '(none)'!r}; expected some of {tuple(METHOD_PRESETS)}")
+            raise ValueError(f"unknown method {bad[0] if bad else '(none)'!r}; expected some of {tuple(DECODE_PRESETS)}")
         badf = [f for f in self.families if f not in task.FAMILIES]
         if badf or not self.families:
             raise ValueError(f"unknown task family {badf[0] if badf else '(none)'!r}; expected some of {task.FAMILIES}")
@@ -62,13 +53,7 @@ class EvalConfig:
         gen = self.gen_length if family is None else self.gen_length_of(family)
         steps = self.steps if gen == self.gen_length else None
         base = DecodeConfig(gen_length=gen, block_length=min(self.block_length, gen), steps=steps)
-        out = {}
-        for m in self.methods:
-            kw = dict(METHOD_PRESETS[m])
-            if "threshold" in kw:
-                kw["threshold"] = self.threshold
-            out[m] = base.replace(**kw)
-        return out
+        return {m: base.replace(**DECODE_PRESETS[m]) for m in self.methods}
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
@@ -183,7 +168,7 @@ def _run(ns) -> int:
                      seed=ns.seed, gen_length=ns.gen_length or d_gen, block_length=ns.block_length, steps=ns.steps,
                      families=tuple(f.strip() for f in ns.families.split(",") if f.strip()),
                      natural_lengths=ns.gen_length is None,
-                     threshold=ns.threshold, batch_size=ns.batch_size, chat=ns.chat)
+                     batch_size=ns.batch_size, chat=ns.chat)
     pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine)
     t0 = time.perf_counter()
     result = evaluate(pipe, cfg, progress=sys.stderr.isatty() and not ns.json)
@@ -199,12 +184,12 @@ def _run(ns) -> int:
 
 
 def register(subparsers) -> None:
-    from .cli import add_model_args
+    from .flags import add_model_args
 
     d = EvalConfig()
     p = subparsers.add_parser("eval", help="accuracy, agreement, NFE and tokens/s of methods on held-out task problems")
     add_model_args(p)
-    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {','.join(METHOD_PRESETS)}")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {','.join(DECODE_PRESETS)}")
     p.add_argument("--n", type=int, default=d.n, help="number of held-out problems")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out problem stream")
     p.add_argument("--families", default=",".join(d.families), help="comma-separated task families (runtime/task.py)")
@@ -212,7 +197,6 @@ def register(subparsers) -> None:
                    help="one generation length for every family (default: each family's natural one)")
     p.add_argument("--block-length", type=int, default=d.block_length)
     p.add_argument("--steps", type=int, default=None, help="default: gen length")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold of fast-dllm / es-dllm")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the checkpoint's chat template")
     p.add_argument("--plot", default="esdllm-eval.png", help="PNG path for accuracy vs tokens/s ('' to skip)")

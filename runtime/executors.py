@@ -184,8 +184,8 @@ def make_executor(kind: str, model_dir: str | Path | None = None, engine_dir: st
     if kind == "onnxruntime":
         ex = ort_executor(spec, device)
     else:
-        from .trt_session import trt_executor  # TensorRT only when asked for
-        ex = trt_executor(spec, device=device)
+        from .trt_session import load_sessions  # TensorRT only when asked for
+        ex = GraphExecutor(spec, load_sessions(spec, device), device, "tensorrt")
     if dtype is not None:
         from .weights import resolve_dtype
         if resolve_dtype(dtype) != ex.dtype:

@@ -4,6 +4,7 @@ This is the runtime's public face, used by the CLI, the Triton model, bench and 
 """
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,8 +12,8 @@ from typing import Callable
 from .config import DecodeConfig, ModelArgs, Stats
 from .generate import BlockEvent, generate
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "llada-tiny"
+# the embedded default checkpoint, shipped as package data (models/ in a source checkout)
+DEFAULT_MODEL = Path(str(importlib.resources.files("esdllm") / "models" / "llada-tiny"))
 
 
 def default_model() -> Path:

@@ -9,6 +9,7 @@ register            adds the `serve` subcommand to the esdllm CLI
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -24,9 +25,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import DecodeConfig
+from .config import DTYPES, DecodeConfig
 
-REPO_TEMPLATE = Path(__file__).resolve().parents[1] / "triton_repo"
+REPO_TEMPLATE = Path(str(importlib.resources.files("esdllm") / "triton_repo"))  # shipped as package data
 MODEL_NAME = "esdllm"
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
@@ -37,12 +38,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+RAW_VALUES = ("inputs",)  # placeholders filled with protobuf text as it is (generated, not user text)
+
+
 def fill_template(text: str, values: dict[str, object]) -> str:
-    """Replace every ${name}; values are escaped for a double-quoted protobuf text string."""
+    """Replace every ${name}; values are escaped for a double-quoted protobuf text string, except
+    RAW_VALUES, which are blocks of config text."""
     missing = sorted({m for m in _PLACEHOLDER.findall(text) if m not in values})
     if missing:
         raise ValueError(f"config template needs values for {', '.join(missing)}")
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"') for k, v in values.items()}
+    esc = {k: str(v) if k in RAW_VALUES else str(v).replace("\\", "\\\\").replace('"', '\\"')
+           for k, v in values.items()}
     return _PLACEHOLDER.sub(lambda m: esc[m.group(1)], text)
 
 
@@ -70,7 +76,9 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
     if cfg.gen_length > max_tokens:
         raise ValueError(f"default gen length {cfg.gen_length} exceeds the served limit max_tokens {max_tokens}")
     model_dir = model or hf_dir
+    from .serving import config_inputs
     return {"model_name": model_name, "max_batch_size": max_batch, "max_queue_delay_us": queue_delay_us,
+            "inputs": config_inputs(),
             "model_dir": str(Path(model_dir).resolve()) if model_dir else "",
             "artifacts_dir": str(Path(artifacts).resolve()) if artifacts else "",
             "executor": executor, "device": device, "dtype": dtype or "", "max_tokens_limit": max_tokens,
@@ -277,14 +285,14 @@ def _serve(ns) -> int:
 
 def register(subparsers) -> None:
     """Adds `esdllm serve`."""
-    from .cli import add_decode_args
+    from .flags import add_decode_args
     p = subparsers.add_parser("serve", help="serve the model through Triton Inference Server (gRPC + HTTP)")
     p.add_argument("--artifacts", default=None, help="artifacts dir from `esdllm build` (engine.json)")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the artifacts' checkpoint, "
                    "else the embedded models/llada-tiny)")
     p.add_argument("--executor", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)

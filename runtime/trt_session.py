@@ -3,7 +3,8 @@
 TrtSession    one engine + execution context, shaped like TensorRT-LLM's Session: infer_shapes()
               checks every input (name, dtype, rank, profile range) and names the bad tensor, then
               run() binds addresses (set_tensor_address) and calls execute_async_v3 on torch's stream
-trt_executor  a GraphExecutor over the engines listed in engine.json (build/engine.py wrote them)
+load_sessions one TrtSession per engine listed in engine.json (build/engine.py wrote them), for
+              executors.GraphExecutor
 
 An engine output that TensorRT aliases to its cache input (the cache_merge plugin, in place) is bound
 to the input's own buffer, so the merged cache is already in the Cache and nothing is copied; other
@@ -119,10 +120,8 @@ class TrtSession:
         return outs
 
 
-def trt_executor(spec: EngineSpec, device: str = "cuda", backend: str | None = None):
-    """A GraphExecutor over the TensorRT engines of an artifacts directory (needs a CUDA GPU)."""
-    from .executors import GraphExecutor
-
+def load_sessions(spec: EngineSpec, device: str = "cuda", backend: str | None = None) -> dict[str, TrtSession]:
+    """{variant: TrtSession} over the TensorRT engines of an artifacts directory (needs a CUDA GPU)."""
     backend = backend or spec.build.backend
     if not spec.engines:
         raise EngineError(f"{spec.root} has no TensorRT engines in engine.json; build them with "
@@ -133,6 +132,6 @@ def trt_executor(spec: EngineSpec, device: str = "cuda", backend: str | None = N
     runtime = trt.Runtime(trt_logger(trt))
     sessions = {name: TrtSession(trt, runtime, (spec.root / f).read_bytes(), name, device)
                 for name, f in spec.engines.items()}
-    ex = GraphExecutor(spec, sessions, device, "tensorrt")
-    ex.runtime = runtime  # keeps the deserializing runtime alive as long as its engines
-    return ex
+    for s in sessions.values():
+        s.runtime = runtime  # the deserializing runtime lives as long as its engines
+    return sessions

@@ -17,13 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
+from .config import DTYPES, ModelArgs
 from .model import Transformer
 from .tokenizer import build_tokenizer, special_ids_from_files
 
 SUPPORTED_MODEL_TYPES = {"llada": "llada", "Dream": "dream"}  # config.json model_type -> family
 ARCHITECTURES = {"llada": "LLaDAModelLM", "dream": "DreamModel"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the one name -> torch dtype map
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 # HF name -> our name. Per-layer entries carry "{i}".
@@ -64,13 +64,13 @@ FAMILY_NAMES = {"llada": LLADA_NAMES, "dream": DREAM_NAMES}
 def resolve_dtype(dtype) -> torch.dtype:
     """"float32" | "bfloat16" | "float16" | torch.dtype -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; expected one of {tuple(DTYPES)}")
+        if dtype not in TORCH_DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; expected one of {DTYPES}")
         return dtype
     name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {tuple(DTYPES)}")
-    return DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {DTYPES}")
+    return TORCH_DTYPES[name]
 
 
 def _family(cfg: dict) -> str:

@@ -46,3 +46,10 @@ def _tiny_args(family: str, **overrides) -> ModelArgs:
 def tiny_args():
     """tiny_args(family, **overrides) -> ModelArgs."""
     return _tiny_args
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start a tritonserver are slow too: `pytest -m "not slow"` is the quick loop."""
+    for item in items:
+        if item.get_closest_marker("serve"):
+            item.add_marker(pytest.mark.slow)

@@ -15,10 +15,10 @@ METHOD_KEYS = {"accuracy", "per_op", "token_agreement", "nfe", "tokens_per_forwa
 
 
 def test_method_presets_follow_the_issue():
-    cfgs = E.EvalConfig(threshold=0.9).decode_configs()
+    cfgs = E.EvalConfig().decode_configs()
     assert cfgs["vanilla"] == DecodeConfig(method="vanilla", gen_length=64, block_length=32)
-    assert cfgs["fast-dllm"].cache == "dual" and cfgs["fast-dllm"].threshold == 0.9
-    es = cfgs["es-dllm"]
+    assert cfgs["fast-dllm-dual-t0.9"].cache == "dual" and cfgs["fast-dllm-dual-t0.9"].threshold == 0.9
+    es = cfgs["es-dllm-t0.9"]
     assert es.method == "es-dllm" and es.threshold == 0.9
     assert es.skip_proportions == DecodeConfig().skip_proportions  # the paper defaults, untouched
 
@@ -61,7 +61,7 @@ def test_eval_cli_json_on_the_committed_model(cli_result):
     assert res["n"] == 8 and res["split"] == "heldout" and res["family"] == "llada"
     assert list(res["families"]) == ["maps"] and res["families"]["maps"]["gen_length"] == 64
     methods = res["families"]["maps"]["methods"]
-    assert set(methods) == {"vanilla", "fast-dllm", "es-dllm"}
+    assert set(methods) == {"vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9"}
     for name, m in methods.items():
         assert METHOD_KEYS <= m.keys(), name
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["token_agreement"] <= 1.0
@@ -73,7 +73,7 @@ def test_eval_cli_json_on_the_committed_model(cli_result):
     # on the checkpoint; a numerics change may flip a close call, hence not 8/8)
     for name, m in methods.items():
         assert m["accuracy"] >= 0.75, (name, m["accuracy"])
-    assert methods["es-dllm"]["nfe"] < 64 and methods["fast-dllm"]["nfe"] < 64
+    assert methods["es-dllm-t0.9"]["nfe"] < 64 and methods["fast-dllm-dual-t0.9"]["nfe"] < 64
 
 
 def test_table_lists_every_method(cli_result):

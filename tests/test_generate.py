@@ -72,8 +72,8 @@ def test_es_without_skipping_equals_vanilla_and_dual(model):
     assert torch.equal(run(model, cfg.replace(method="fast-dllm", cache="dual")), run(model, es))
 
 
-def test_threshold_above_one_is_one_token_a_step(model):
-    cfg = DecodeConfig(method="fast-dllm", gen_length=16, block_length=8, threshold=1.01)
+def test_threshold_one_is_one_token_a_step(model):
+    cfg = DecodeConfig(method="fast-dllm", gen_length=16, block_length=8, threshold=1.0)
     out = generate(model, PROMPTS[:1], cfg)
     assert out.stats.nfe == 16 and not bool((out.tokens == model.args.mask_id).any())
 

@@ -164,6 +164,7 @@ def test_cache_merge_strided_cache_in_place_with_trash_duplicates():
     assert torch.equal(store[..., hd:], untouched)  # nothing written outside the view
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="the custom ops dispatch to the kernels only for CUDA tensors")
 def test_custom_ops_dispatch_to_kernels_on_cuda():
     from esdllm.plugins import library  # noqa: F401 - registers torch.ops.esdllm

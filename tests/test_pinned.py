@@ -90,6 +90,7 @@ def test_torch_executor_decodes_the_pinned_tokens(model_dirs, name):
     _check(name, "torch", _decode(ex, _prompts(name, model_dirs[name])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_onnxruntime_executor_decodes_the_pinned_tokens(model_dirs, engines, name):
     if REPIN:

@@ -4,7 +4,6 @@ a client hanging up mid-stream, and 16 concurrent clients that must each get exa
 they get alone. One server per module. Plus the template and request parsing without a server."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import threading
@@ -18,17 +17,7 @@ from esdllm.runtime.config import DecodeConfig
 from esdllm.runtime.serve import REPO_TEMPLATE, fill_template, free_port, repo_values, write_repository
 
 
-def _load_serving():
-    """triton_repo/esdllm/1/esdllm_serving.py, the model's Triton-free half, loaded by path."""
-    path = REPO_TEMPLATE / "esdllm" / "1" / "esdllm_serving.py"
-    spec = importlib.util.spec_from_file_location("esdllm_serving", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load_serving()
+from esdllm.runtime import serving as S  # noqa: E402
 
 GEN, BLOCK, MAX_TOKENS, MAX_PROMPT = 16, 8, 32, 48
 PROMPTS = ["Hi", "The quick brown fox", "Question: what is 12 + 30? Answer:", "def add(a, b):",

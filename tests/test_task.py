@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trainer():
-    """scripts/train_tiny.py as a module (scripts/ is not a package)."""
-    if "train_tiny" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["train_tiny"] = mod  # dataclasses resolve annotations through sys.modules
-        spec.loader.exec_module(mod)
-    return sys.modules["train_tiny"]
+    from esdllm.scripts import train_tiny
+    return train_tiny
 
 
 # ---- task -------------------------------------------------------------------------------------

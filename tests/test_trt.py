@@ -36,9 +36,19 @@ def _has(module: str) -> bool:
 
 HAS_RTX = _has("tensorrt_rtx")
 HAS_TRT_GPU = torch.cuda.is_available() and _has("tensorrt")
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu12 is not installed (pip install 'esdllm[tensorrt-rtx]')")
-needs_trt = pytest.mark.skipif(not HAS_TRT_GPU, reason="needs TensorRT >= 10.9 (`import tensorrt`) and a CUDA GPU; "
+_skip_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu12 is not installed (pip install 'esdllm[tensorrt-rtx]')")
+_skip_trt = pytest.mark.skipif(not HAS_TRT_GPU, reason="needs TensorRT >= 10.9 (`import tensorrt`) and a CUDA GPU; "
                                "NVIDIA's TensorRT libraries are not on PyPI")
+
+
+def needs_rtx(fn):
+    """TensorRT-RTX CPU builds: slow, skipped without tensorrt-rtx-cu12."""
+    return pytest.mark.slow(_skip_rtx(fn))
+
+
+def needs_trt(fn):
+    """TensorRT with the esdllm plugins on a CUDA GPU."""
+    return pytest.mark.trt(pytest.mark.gpu(pytest.mark.slow(_skip_trt(fn))))
 
 CFG = BuildConfig(max_batch=2, max_prompt=16, gen_length=16, block_length=8)
 
@@ -369,8 +379,9 @@ def test_trt_executor_tokens_match_torch(tiny_export, tmp_path):
                                  len(spec.prune_layers), progress=False)
     spec.engines = {n: p.name for n, p in built.items()}
     spec.write()
-    from esdllm.runtime.trt_session import trt_executor
-    ex = trt_executor(spec, device="cuda", backend="tensorrt")
+    from esdllm.runtime.executors import GraphExecutor
+    from esdllm.runtime.trt_session import load_sessions
+    ex = GraphExecutor(spec, load_sessions(spec, "cuda", "tensorrt"), "cuda", "tensorrt")
     ref = TorchExecutor(model.cuda())
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     for method in ("vanilla", "es-dllm"):

@@ -7,14 +7,14 @@ undecided position is final, so that is what streams). The
 dynamic batcher hands execute() the requests that queued up; requests with equal decoding
 configs run as one diffusion batch (mixed prompt lengths, each row gets exactly the tokens it gets
 alone), different configs run one after another. A bad request gets an error naming the problem
-and the others complete. Everything that is not pb_utils glue lives in esdllm_serving.py.
+and the others complete. Everything that is not pb_utils glue lives in esdllm.runtime.serving.
 """
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-import esdllm_serving as S
+from esdllm.runtime import serving as S
 
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

@@ -1,8 +1,10 @@
-"""The Triton-free half of the `esdllm` model: pick an executor, load the Pipeline, turn one
-request's input tensors into a validated `Request` (or a ValueError naming the problem), group
-requests that can share one diffusion batch, and shape per-request stats and streamed deltas.
+"""The Triton-free half of the `esdllm` Triton model: the served inputs (INPUTS, the one table that
+config.pbtxt's input block, the request parser and the client are made from), executor choice and
+Pipeline loading, one request's input tensors -> a validated `Request` (or a ValueError naming the
+problem), grouping of requests that can share one diffusion batch, per-request stats and streamed
+deltas.
 
-model.py (next to this file) is only the pb_utils glue around it; tests drive this with numpy.
+triton_repo/esdllm/1/model.py is only the pb_utils glue around it; tests drive this with numpy.
 Input names follow the TensorRT-LLM backend where one exists (text_input, max_tokens, stream,
 temperature, top_p, top_k, random_seed); the dLLM knobs are esdllm's own.
 """
@@ -16,25 +18,56 @@ from pathlib import Path
 
 import numpy as np
 
-from esdllm.runtime.config import DecodeConfig
+from .config import DecodeConfig
 
-# input name -> (numpy kind letters accepted, DecodeConfig field or None)
-SCALARS = {
-    "max_tokens": ("iu", "gen_length"),
-    "stream": ("b", None),
-    "chat": ("b", None),
-    "temperature": ("f", "temperature"),
-    "top_p": ("f", "top_p"),
-    "top_k": ("iu", "top_k"),
-    "random_seed": ("iu", "seed"),
-    "method": ("OSU", "method"),
-    "block_length": ("iu", "block_length"),
-    "steps": ("iu", "steps"),
-    "threshold": ("f", "threshold"),
-    "cache": ("OSU", "cache"),
-}
-VECTORS = {"skip_proportions": "skip_proportions", "skip_positions": "skip_positions"}
-INPUT_NAMES = ("text_input", *SCALARS, *VECTORS)
+
+@dataclass(frozen=True)
+class Input:
+    """One optional input of the served model: its name, Triton dtype, the DecodeConfig field it sets
+    (None: a request option of its own) and whether it is a vector ([1, n] with the batch dim)."""
+
+    name: str
+    dtype: str              # Triton type without TYPE_: STRING, INT32, UINT64, FP32, BOOL
+    field: str | None = None
+    vector: bool = False
+
+    @property
+    def kinds(self) -> str:
+        """numpy dtype kinds the parser accepts for it."""
+        return {"STRING": "OSU", "INT32": "iu", "UINT64": "iu", "FP32": "f", "BOOL": "b"}[self.dtype]
+
+    @property
+    def client_dtype(self) -> str:
+        """The tritonclient datatype name (BYTES for strings)."""
+        return "BYTES" if self.dtype == "STRING" else self.dtype
+
+
+INPUTS = (
+    Input("text_input", "STRING"),
+    Input("max_tokens", "INT32", "gen_length"),
+    Input("stream", "BOOL"),
+    Input("chat", "BOOL"),
+    Input("temperature", "FP32", "temperature"),
+    Input("top_p", "FP32", "top_p"),
+    Input("top_k", "INT32", "top_k"),
+    Input("random_seed", "UINT64", "seed"),
+    Input("method", "STRING", "method"),
+    Input("block_length", "INT32", "block_length"),
+    Input("steps", "INT32", "steps"),
+    Input("threshold", "FP32", "threshold"),
+    Input("cache", "STRING", "cache"),
+    Input("skip_proportions", "FP32", "skip_proportions", vector=True),
+    Input("skip_positions", "FP32", "skip_positions", vector=True),
+)
+BY_NAME = {i.name: i for i in INPUTS}
+INPUT_NAMES = tuple(BY_NAME)
+
+
+def config_inputs() -> str:
+    """config.pbtxt's input block (every input optional; dims without the batch dim)."""
+    rows = [f'  {{ name: "{i.name}" data_type: TYPE_{i.dtype} dims: [ {"-1" if i.vector else "1"} ] optional: true }}'
+            for i in INPUTS]
+    return "input [\n" + ",\n".join(rows) + "\n]"
 
 
 @dataclass(frozen=True)
@@ -135,20 +168,27 @@ def parse_request(inputs: dict[str, np.ndarray | None], pipe, defaults: DecodeCo
     prompt = _scalar("text_input", text, "OSU")
     if not prompt.strip():
         raise ValueError("text_input is empty")
-    vals = {n: _scalar(n, inputs[n], k) for n, (k, _) in SCALARS.items() if inputs.get(n) is not None}
-    kw = {SCALARS[n][1]: v for n, v in vals.items() if SCALARS[n][1]}
-    for name, fld in VECTORS.items():
-        if inputs.get(name) is not None:
-            if inputs[name].dtype.kind != "f":
-                raise ValueError(f"{name} has dtype {inputs[name].dtype}, expected float32")
-            kw[fld] = tuple(float(v) for v in inputs[name].reshape(-1))
+    unknown = sorted(set(n for n, v in inputs.items() if v is not None) - set(BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown input {unknown[0]!r}; the model takes {', '.join(INPUT_NAMES)}")
+    vals, kw = {}, {}
+    for i in INPUTS[1:]:
+        arr = inputs.get(i.name)
+        if arr is None:
+            continue
+        if i.vector:
+            if arr.dtype.kind not in i.kinds:
+                raise ValueError(f"{i.name} has dtype {arr.dtype}, expected float32")
+            vals[i.name] = tuple(float(v) for v in arr.reshape(-1))
+        else:
+            vals[i.name] = _scalar(i.name, arr, i.kinds)
+        if i.field:
+            kw[i.field] = vals[i.name]
     gen = kw.get("gen_length", defaults.gen_length)
     if gen <= 0:
         raise ValueError(f"max_tokens must be positive, got {gen}")
     if gen > limits.max_tokens:
         raise ValueError(f"max_tokens {gen} is beyond the served range (at most {limits.max_tokens})")
-    if "threshold" in kw and not 0 < kw["threshold"] <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {kw['threshold']}")
     if "gen_length" in kw and "block_length" not in kw and gen < defaults.block_length:
         kw["block_length"] = gen  # a short answer is one block rather than an error
     if "gen_length" in kw and "steps" not in kw and defaults.steps is not None:

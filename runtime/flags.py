@@ -1,0 +1,57 @@
+"""argparse helpers shared by the esdllm subcommands: the model / executor flags and the decoding
+flags, each mapping 1:1 onto a DecodeConfig field (decode_config builds one from parsed flags)."""
+from __future__ import annotations
+
+import argparse
+
+from .config import ALGS, CACHES, DTYPES, METHODS, REMASKING, SAMPLERS, DecodeConfig
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in s.split(","))
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights/activations dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--executor", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--engine", default=None, help="artifacts dir from `esdllm build` (onnxruntime / tensorrt)")
+
+
+def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
+    d = DecodeConfig()
+    g = p.add_argument_group("decoding")
+    g.add_argument("--method", default=d.method, choices=METHODS)
+    g.add_argument("--gen-length", type=int, default=d.gen_length)
+    g.add_argument("--block-length", type=int, default=d.block_length)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen length, one token a step)")
+    g.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the model family's")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--remasking", default=d.remasking, choices=REMASKING)
+    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
+    g.add_argument("--alg", default=d.alg, choices=ALGS)
+    g.add_argument("--alg-temp", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--eps", type=float, default=d.eps)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= T")
+    g.add_argument("--factor", type=float, default=None, help="parallel decoding: Fast-dLLM factor rule")
+    g.add_argument("--cache", default=d.cache, choices=CACHES)
+    g.add_argument("--cache-refresh", type=int, default=d.cache_refresh)
+    g.add_argument("--skip-proportions", type=_floats, default=d.skip_proportions)
+    g.add_argument("--skip-positions", type=_floats, default=d.skip_positions)
+    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--prompt-update-freq", type=int, default=d.prompt_update_freq)
+    g.add_argument("--block-update-freq", type=int, default=d.block_update_freq)
+    g.add_argument("--no-delay-eos", dest="delay_eos", action="store_false")
+    g.add_argument("--stop-at-eos", action="store_true")
+    p.set_defaults(**defaults)
+
+
+def decode_config(ns: argparse.Namespace) -> DecodeConfig:
+    names = DecodeConfig.__dataclass_fields__
+    return DecodeConfig(**{k: v for k, v in vars(ns).items() if k in names})
+
+
