@@ -68,6 +68,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
             active = (x.gather(1, c.cols) == args.mask_id).any(1) & ~done
             if not bool(active.any()):
                 break
+            if step > spb + bl:  # past its schedule every step commits a token: this cannot happen
+                raise RuntimeError(f"block {blk} is still undecided after {step} steps (schedule {spb})")
             c = StepContext(x, s, c.s_host, bl, torch.full_like(s, step), policy.phase(step, step_cnt), active, P)
             idx, plan = policy.plan(c)
             logits, pred = _forward(executor, cfg, x, P, idx, cache, plan, stats)

@@ -115,11 +115,11 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
+        return self.tok_embeddings.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.tok_embeddings.weight.device
 
     def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = ()) -> Cache:
         return Cache(self.args, batch, length, self.dtype, self.device, hidden_layers)

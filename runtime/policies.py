@@ -80,7 +80,7 @@ class Vanilla:
         """Sample proposals, choose the block positions that take them, write the canvas, update.
         logits: [B, m, V]; pred: [B, m] canvas positions they predict. -> chosen [B, bl] bool."""
         B, bl, dev = c.x.shape[0], c.bl, c.x.device
-        x0, conf = S.sample(logits, self.cfg, self.sampler, self.gen)
+        x0, conf = S.sample(logits, self.cfg, self.sampler, self.gen, self.args.mask_id)
         # predictions in block coordinates; everything outside the block falls into column bl
         local = pred - c.s[:, None]
         local = torch.where((local >= 0) & (local < bl), local, bl)

@@ -54,15 +54,26 @@ def _top_p_top_k(logits: Tensor, top_p: float | None, top_k: int | None) -> Tens
     return logits
 
 
-def sample(logits: Tensor, cfg, sampler: str, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """logits: [B, m, V] -> (x0 [B, m] int64, confidence [B, m] float64)."""
+def sample(logits: Tensor, cfg, sampler: str, gen: torch.Generator | None, mask_id: int | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """logits: [B, m, V] -> (x0 [B, m] int64, confidence [B, m] float64).
+
+    mask_id: never proposed. The reference samplers may propose it (their loops run a fixed number
+    of steps and leave it in the output); a committed mask would stay undecided, so a loop that
+    decodes until the block is done would never end. Only the choice of x0 skips it: confidences
+    come from the full distribution, so wherever the argmax is another token nothing changes.
+    """
+    def pick(scores: Tensor) -> Tensor:
+        if mask_id is not None:
+            scores = scores.index_fill(-1, torch.tensor([mask_id], device=scores.device), float("-inf"))
+        return scores.argmax(-1)
     if sampler == "llada":
         if cfg.temperature > 0:
             lg = logits.double()
             u = torch.rand(lg.shape, dtype=torch.float64, generator=gen, device=lg.device)
-            x0 = (lg.exp() / (-torch.log(u)) ** cfg.temperature).argmax(-1)
+            x0 = pick(lg.exp() / (-torch.log(u)) ** cfg.temperature)
         else:
-            x0 = logits.argmax(-1)
+            x0 = pick(logits)
         if cfg.remasking == "random":
             conf = torch.rand(x0.shape, dtype=torch.float64, generator=gen, device=x0.device)
         else:
@@ -76,9 +87,10 @@ def sample(logits: Tensor, cfg, sampler: str, gen: torch.Generator | None) -> tu
     lg = _top_p_top_k(lg, cfg.top_p, cfg.top_k)
     p = torch.softmax(lg, -1)
     if cfg.temperature > 0:
-        x0 = torch.multinomial(p.view(-1, p.shape[-1]), 1, generator=gen).view(p.shape[:-1])
+        q = p if mask_id is None else p.index_fill(-1, torch.tensor([mask_id], device=p.device), 0.0)
+        x0 = torch.multinomial(q.view(-1, q.shape[-1]), 1, generator=gen).view(p.shape[:-1])
     else:
-        x0 = p.argmax(-1)
+        x0 = pick(p)
     px0 = p.gather(-1, x0[..., None])[..., 0]
     if cfg.alg == "topk_margin":
         top2 = torch.topk(p, 2, dim=-1).values

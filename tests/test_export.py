@@ -229,3 +229,27 @@ def test_generate_same_tokens_as_torch(built, kw):
     assert a.stats.nfe == b.stats.nfe
     if kw["method"] == "es-dllm":
         assert ort_ex.calls["skip"] > before.get("skip", 0), "the ES-dLLM run never used the skip graph"
+
+
+def test_eager_plans_feed_exactly_the_exported_graph_inputs(built):
+    """Every plan the policies make during a real decode becomes feeds whose names, dtypes and ranks
+    are the exported graph's inputs (export and eager runs share one contract)."""
+    from helpers import Spy
+
+    model, _, spec = built
+    onnx_dtype = {T.INT64: torch.int64, T.BOOL: torch.bool, T.FLOAT: torch.float32}
+    graphs = {}
+    for name, v in spec.variants.items():
+        m = onnx.load(str(spec.root / v["file"]), load_external_data=False)
+        graphs[name] = {i.name: (onnx_dtype[i.type.tensor_type.elem_type], len(i.type.tensor_type.shape.dim))
+                        for i in m.graph.input}
+    spy = Spy(model)
+    for kw in METHODS:
+        generate(spy, [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], DecodeConfig(gen_length=16, block_length=8, **kw))
+    seen = set()
+    cache = model.new_cache(2, 7 + 16, spec.prune_layers)
+    for tokens, idx, plan, _ in spy.calls:
+        variant, feeds = contract.step_feeds(model.args, spec.prune_layers, tokens, idx, cache, plan)
+        seen.add(variant)
+        assert {k: (t.dtype, t.dim()) for k, t in feeds.items()} == graphs[variant], variant
+    assert seen == {"dense", "dense_hidden", "skip"}

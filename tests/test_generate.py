@@ -203,3 +203,33 @@ def test_a_step_event_can_stop_a_row_mid_block(model):
     decided = int((first[0][0] != mask).sum())
     assert decided % 8 and int((out.tokens[0] != mask).sum()) == decided   # row 0 froze mid-block
     assert torch.equal(out.tokens[1], run(model, cfg, PROMPTS[1:2])[0])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fast-dllm", "es-dllm"])
+def test_a_model_that_predicts_the_mask_token_still_finishes(model, method):
+    """Found against the reference harness: a model whose argmax is the mask id at some position
+    made the loop re-propose it forever. Proposals skip the mask id; the loop ends."""
+    import copy
+
+    class MaskFirst(torch.nn.Module):  # the mask id's logit is the largest everywhere
+        def __init__(self, lin, mask_id):
+            super().__init__()
+            self.lin, self.mask_id = lin, mask_id
+
+        def forward(self, h):
+            out = self.lin(h)
+            out[..., self.mask_id] = out.amax(-1) + 5.0
+            return out
+    m = copy.deepcopy(model)
+    m.output = MaskFirst(m.output, m.args.mask_id)
+    assert int(m.step(*_one_step(m))[0].argmax(-1).eq(m.args.mask_id).all())
+    out = generate(m, PROMPTS[:2], DecodeConfig(method=method, gen_length=16, block_length=8))
+    assert not bool((out.tokens == m.args.mask_id).any())
+    assert out.stats.nfe <= 2 * 16
+
+
+def _one_step(m):
+    cache = m.new_cache(1, 8)
+    cache.set_layout(torch.zeros(1, dtype=torch.long))
+    idx = torch.arange(8)[None]
+    return idx.clamp(max=5), idx, cache
