@@ -16,6 +16,7 @@ from ..plugins.backends import OpBackend
 from ..runtime import contract
 from ..runtime.cache import StepPlan
 from ..runtime.model import Transformer
+from ..runtime.policies import top2_bonus
 from ..runtime.weights import resolve_dtype
 from .onnx_ops import DOMAIN, PLUGIN_NAMESPACE
 
@@ -112,7 +113,7 @@ class StepGraph(nn.Module):
         if self.variant == "skip":
             keep = {l: x[contract.keep_name(i)] for i, l in enumerate(self.prune_layers)}
             plan = StepPlan(keep=keep, write_hidden=True, confidence=x["confidence"], bonus=x["bonus"],
-                            alpha=self.alpha)
+                            alpha=self.alpha, top2=top2_bonus(self.alpha))
         else:
             plan = StepPlan(head=x["head"], write_hidden=bool(hidden))
         logits, pred = self.model.step(x["tokens"], x["idx"], cache, plan, ops=EXPORT_OPS)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DECODE_PRESETS, DTYPES, DecodeConfig, ModelArgs
-from .generate import generate
+from .config import DECODE_PRESETS, DTYPES, DecodeConfig, ModelArgs, Stats
+from .generate import GenerateOutput, generate
 from .model import Transformer
 
 
@@ -53,6 +53,7 @@ PRESETS = {
 }
 
 METHODS = ("vanilla", "fast-dllm-dual", "fast-dllm-dual-t0.9", "es-dllm", "es-dllm-t0.9")  # config.DECODE_PRESETS
+REFERENCE = "llada-reference"  # reference_generate below: the same work as vanilla, the way LLaDA's code does it
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 
 
@@ -85,10 +86,46 @@ def run_bench_checkpoint(model_dir, methods: list[str], device: str = "cpu", dty
     return out
 
 
+@torch.inference_mode()
+def reference_generate(model: Transformer, prompts: list[list[int]], cfg: DecodeConfig,
+                       stop_ids: set[int] = frozenset()) -> GenerateOutput:
+    """LLaDA's generate() (ML-GSAI/LLaDA generate.py, research/models.md A.7: greedy, low-confidence
+    remasking, no CFG), restated over Transformer.forward: every step a full forward of the whole
+    left-padded batch with its attention mask, logits for every position, a top-k per row. The
+    baseline vanilla decoding must not be slower than (esdllm bench "vanilla/llada-reference")."""
+    from .sampling import llada_quota
+    args, dev = model.args, model.device
+    B, P, G, bl = len(prompts), max(len(p) for p in prompts), cfg.gen_length, cfg.block_length
+    x = torch.full((B, P + G), args.mask_id, dtype=torch.long, device=dev)
+    am = torch.ones_like(x)
+    for b, p in enumerate(prompts):
+        x[b, : P - len(p)], am[b, : P - len(p)] = args.pad_id, 0
+        x[b, P - len(p): P] = torch.tensor(p)
+    stats, t0, spb = Stats(), time.perf_counter(), cfg.n_steps // (G // bl)
+    for blk in range(G // bl):
+        s, e = P + blk * bl, P + (blk + 1) * bl
+        quota = llada_quota((x[:, s:e] == args.mask_id).sum(1), spb)
+        for i in range(spb):
+            mask_index = x == args.mask_id
+            logits = model(x, am)
+            stats.nfe, stats.positions_computed = stats.nfe + 1, stats.positions_computed + x.shape[1]
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            p[:, e:] = -float("inf")
+            conf = torch.where(mask_index, p, -float("inf"))
+            transfer = torch.zeros_like(mask_index)
+            for j in range(B):  # one top-k per row, as the reference does
+                transfer[j, torch.topk(conf[j], k=int(quota[j, i])).indices] = True
+            x[transfer] = x0[transfer]
+    stats.steps, stats.seconds = stats.nfe, time.perf_counter() - t0
+    stats.generated_tokens = sum(next((i for i, t in enumerate(r) if t in stop_ids), len(r)) for r in x[:, P:].tolist())
+    return GenerateOutput(x[:, P:], stats)
+
+
 def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, methods: list[str], device: str,
          rounds: int, progress: bool, stop_ids: set[int]) -> dict:
     base = DecodeConfig(gen_length=gen, block_length=block, prompt_update_freq=max(64, block), block_update_freq=16)
-    cfgs = {m: base.replace(**DECODE_PRESETS[m]) for m in methods}
+    cfgs = {m: base.replace(**DECODE_PRESETS.get(m, DECODE_PRESETS["vanilla"])) for m in methods}
     res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0) for m in methods}
     total = len(methods) * (rounds + 1)
     bar = _bar(progress, total)
@@ -100,7 +137,8 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             cfg = cfgs[m] if r > 0 else cfgs[m].replace(gen_length=block)  # warm-up: one block
-            out = generate(model, prompts, cfg, stop_ids=stop_ids)
+            run = reference_generate if m == REFERENCE else generate
+            out = run(model, prompts, cfg, stop_ids=stop_ids)
             if device.startswith("cuda"):
                 peak[m] = torch.cuda.max_memory_allocated() / 2**30
             if r > 0:
@@ -123,6 +161,8 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
             table[m]["peak_gib"] = round(peak[m], 3)
     out = {"preset": None, "batch": len(prompts), "gen": gen, "block": block, "device": _device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": table, "speedup": {}}
+    if REFERENCE in table and "vanilla" in table:
+        out["speedup"][f"vanilla/{REFERENCE}"] = round(table["vanilla"]["tps"] / table[REFERENCE]["tps"], 3)
     for m in (m for m in table if m.startswith("es-dllm")):
         # against vanilla, and against the dual cache with the same decoding rule (one token a step
         # or the same threshold)
@@ -166,9 +206,9 @@ def _cmd(ns) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     methods = ns.methods.split(",")
-    unknown = [m for m in methods if m not in DECODE_PRESETS]
+    unknown = [m for m in methods if m not in DECODE_PRESETS and m != REFERENCE]
     if unknown:
-        raise ValueError(f"unknown bench method(s) {unknown}; expected some of {list(DECODE_PRESETS)}")
+        raise ValueError(f"unknown bench method(s) {unknown}; expected some of {[*DECODE_PRESETS, REFERENCE]}")
     if ns.preset and ns.model:
         raise ValueError("pass --preset (random weights at a shape) or --model (a checkpoint), not both")
     if ns.preset:

@@ -60,6 +60,7 @@ class StepPlan:
         that really prune are listed (k below the rows alive there).
     write_hidden: store the surviving rows' hidden states at the prune layers (ES-dLLM).
     confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
+    top2: added at each prune layer to the two most confident rows alive there (ES-dLLM).
     """
 
     head: Tensor | None = None
@@ -68,6 +69,7 @@ class StepPlan:
     confidence: Tensor | None = None
     bonus: Tensor | None = None
     alpha: float = 0.5
+    top2: float = 0.0
 
     def rows_per_layer(self, n: int, n_layers: int) -> float:
         """Rows processed per layer, averaged over layers (the dense compute of one forward of n rows)."""

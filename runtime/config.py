@@ -103,6 +103,10 @@ class DecodeConfig:
     prompt_update_freq: int = 64
     block_update_freq: int = 16
     delay_eos: bool = True
+    # Dream only: ES-dLLM's refresh rows in token coordinates (the just-committed bonus on the token's
+    # own row, the block-start forward from it, the block's last row forwarded) instead of the
+    # authors' predicting-row coordinates; README "ES-dLLM as its authors wrote it"
+    es_token_rows: bool = False
     stop_at_eos: bool = False          # stop once a finished block holds EOS (off: reproduce the reference)
 
     def __post_init__(self):

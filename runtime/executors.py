@@ -25,6 +25,7 @@ from .artifacts import EngineError, EngineSpec
 from .cache import Cache, StepPlan
 from .config import ModelArgs
 from .model import Transformer
+from .policies import top2_bonus
 
 KINDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -111,6 +112,9 @@ class GraphExecutor:
         if plan.keep and abs(plan.alpha - self.spec.build.alpha) > 1e-9:
             raise ValueError(f"plan alpha {plan.alpha} differs from the alpha {self.spec.build.alpha} the skip "
                              f"graph in {self.spec.root} was built with; rebuild with --alpha {plan.alpha}")
+        if plan.keep and plan.top2 != top2_bonus(self.spec.build.alpha):
+            raise ValueError(f"plan top-2 bonus {plan.top2} differs from the skip graph's "
+                             f"{top2_bonus(self.spec.build.alpha)} ({self.spec.root})")
         variant, feeds = contract.step_feeds(self.args, self.prune_layers, tokens, idx, cache, plan)
         outs = self.session(variant).run(feeds)
         self.calls[variant] += 1

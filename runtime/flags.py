@@ -46,6 +46,8 @@ def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--prompt-update-freq", type=int, default=d.prompt_update_freq)
     g.add_argument("--block-update-freq", type=int, default=d.block_update_freq)
     g.add_argument("--no-delay-eos", dest="delay_eos", action="store_false")
+    g.add_argument("--es-token-rows", action="store_true",
+                   help="es-dllm on Dream: refresh rows in token, not predicting-row, coordinates (README)")
     g.add_argument("--stop-at-eos", action="store_true")
     p.set_defaults(**defaults)
 

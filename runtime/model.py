@@ -18,6 +18,14 @@ from .cache import Cache, StepPlan
 from .config import ModelArgs
 
 
+def top2(x: Tensor) -> Tensor:
+    """[B, n] -> [B, n] float 0/1: each row's two largest entries. Ties go to the lower index (the
+    authors leave them to an unsorted topk); pairwise ranks keep it deterministic on every executor."""
+    i = torch.arange(x.shape[1], device=x.device)
+    beats = (x[:, None, :] > x[:, :, None]) | ((x[:, None, :] == x[:, :, None]) & (i[None, :] < i[:, None]))
+    return (beats.sum(-1) < 2).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -146,8 +154,11 @@ class Transformer(nn.Module):
                 prev = cache.hidden[l].gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
                 # Trash entries get zero variation so they cannot change the per-row normalisation.
                 prev = torch.where((rows == cache.trash)[..., None], h, prev)
-                sel, h = ops.token_gather(h, prev, plan.confidence.gather(1, rows), plan.bonus.gather(1, rows),
-                                          keep, plan.alpha)
+                conf = plan.confidence.gather(1, rows)
+                bonus = plan.bonus.gather(1, rows)
+                if plan.top2:  # recomputed over the rows alive at this layer (early_skipping.py:170)
+                    bonus = bonus + plan.top2 * top2(conf)
+                sel, h = ops.token_gather(h, prev, conf, bonus, keep, plan.alpha)
                 # a dropped entry (sel == n) reads the appended trash slot; its position is never used
                 rows = torch.cat([rows, trash_col], 1).gather(1, sel)
                 pos = torch.cat([pos, pos[:, :1]], 1).gather(1, sel)

@@ -81,25 +81,27 @@ class Vanilla:
         logits: [B, m, V]; pred: [B, m] canvas positions they predict. -> chosen [B, bl] bool."""
         B, bl, dev = c.x.shape[0], c.bl, c.x.device
         x0, conf = S.sample(logits, self.cfg, self.sampler, self.gen, self.args.mask_id)
+        delayed = self.delayed(c, pred, x0)
         # predictions in block coordinates; everything outside the block falls into column bl
         local = pred - c.s[:, None]
         local = torch.where((local >= 0) & (local < bl), local, bl)
-        C = torch.full((B, bl + 1), S.NEG, dtype=torch.float64, device=dev).scatter_(1, local, conf)[:, :bl]
+        score = conf if delayed is None else torch.where(delayed, 0.0, conf)
+        C = torch.full((B, bl + 1), S.NEG, dtype=torch.float64, device=dev).scatter_(1, local, score)[:, :bl]
         X0 = torch.zeros((B, bl + 1), dtype=torch.long, device=dev).scatter_(1, local, x0)[:, :bl]
         block = c.x.gather(1, c.cols)
         masked = block == self.args.mask_id
         cand = masked & torch.isfinite(C) & c.active[:, None]
-        C = torch.where(cand, self.filter(c, C, X0), S.NEG)
+        C = torch.where(cand, C, S.NEG)
         chosen = self.rule(C, cand, masked, c.step, self.quota)
         c.x.scatter_(1, c.cols, torch.where(chosen, X0, block))
-        self.update(c, pred, conf, chosen)
+        self.update(c, pred, conf, delayed, chosen)
         return chosen
 
-    def filter(self, c: StepContext, C: Tensor, X0: Tensor) -> Tensor:
-        """Confidence filter before the commit rule (none for the plain policies)."""
-        return C
+    def delayed(self, c: StepContext, pred: Tensor, x0: Tensor) -> Tensor | None:
+        """[B, m] bool: head rows whose proposal is held back this step (confidence 0), or None."""
+        return None
 
-    def update(self, c: StepContext, pred: Tensor, conf: Tensor, chosen: Tensor) -> None:
+    def update(self, c: StepContext, pred: Tensor, conf: Tensor, delayed: Tensor | None, chosen: Tensor) -> None:
         pass
 
 
@@ -138,21 +140,36 @@ def prune_schedule(cfg: DecodeConfig, n_layers: int) -> dict[int, float]:
     return out
 
 
+def top2_bonus(alpha: float) -> float:
+    """ES-dLLM's bonus for the two most confident rows alive at each prune layer (0 when alpha = 0)."""
+    return 2.0 if alpha > 0 else 0.0
+
+
 class ESDLLM(Vanilla):
-    """ES-dLLM early skipping (algorithms.md §1.3-1.5), composable with threshold decoding."""
+    """ES-dLLM early skipping (algorithms.md §1.3-1.5) as the authors' code does it (zhuzj19/ES-dLLM
+    generate.py, early_skipping.py; line numbers below are theirs), composable with threshold decoding.
+
+    Rows: for Dream the authors keep every per-row quantity in predicting-row coordinates (row p - 1
+    predicts token p): the just-committed bonus (generate.py:503, 555), the block-start forward
+    (:442, 557) and the forward's end (e - 1, :431-432, 445). es_token_rows moves the three to the
+    token's own row (README). Both families commit one token a step (token_per_step, :104, :192)."""
 
     def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
         super().__init__(cfg, args, L, trash, gen)
+        self.rule = S.make_rule(cfg, "llada", gen)  # the authors' count: steps split evenly, any family
         self.schedule = prune_schedule(cfg, args.n_layers)
         self.hidden_layers = tuple(sorted(self.schedule))
-        self.conf = None          # [B, L + 1] confidence by predicting row, stale where skipped
-        self.last = None          # [B, L + 1] bool, token rows committed in the previous step
+        # the refresh rows of positions p are p - row_shift: predicting rows (authors) or token rows
+        self.row_shift = 0 if cfg.es_token_rows else self.sh
+        self.conf = None          # [B, L + 1] importance confidence by predicting row; trash slot -1
+        self.last = None          # [B, L + 1] bool, rows of the tokens committed in the previous step
         self.n_last = None        # [B]
-        self.leftmost = None      # [B] leftmost position committed in the previous step
+        self.leftmost = None      # [B] leftmost row of the previous step's commits
 
     def _init(self, x: Tensor) -> None:
         B, dev = x.shape[0], x.device
         self.conf = torch.zeros(B, self.L + 1, dtype=torch.float32, device=dev)
+        self.conf[:, self.trash] = -1.0  # below every real confidence: the trash never takes a top-2 bonus
         self.last = torch.zeros(B, self.L + 1, dtype=torch.bool, device=dev)
         self.n_last = torch.zeros(B, dtype=torch.long, device=dev)
         self.leftmost = torch.full((B,), self.L, dtype=torch.long, device=dev)
@@ -179,20 +196,21 @@ class ESDLLM(Vanilla):
         lo = c.s - sh
         if span == "prompt":
             lo = torch.zeros_like(lo)
-        elif span == "start":  # re-run the tokens decoded last step (they sit in the previous block)
+        elif span == "start":  # re-run the rows decoded last step (they sit in the previous block)
             lo = torch.minimum(lo, self.leftmost)
-        e = c.s + c.bl
-        n = int((e - lo).max())
-        idx = (e - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's block end
+        end = c.s + c.bl - self.row_shift  # the authors' rows end at e - shift (:431-432)
+        n = int((end - lo).max())
+        idx = (end - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's end
         idx = torch.where((idx >= lo[:, None]) & c.active[:, None], idx, self.trash)
-        head = StepPlan(head=_span(B, n - c.bl - sh, n - sh, dev), write_hidden=True, alpha=cfg.alpha)
+        tail = sh - self.row_shift  # forwarded rows past the last predicting one
+        head = StepPlan(head=_span(B, n - c.bl - tail, n - tail, dev), write_hidden=True, alpha=cfg.alpha)
         if not skip:
             return idx, head
         n_fwd = (idx != self.trash).sum(1)
         floor_k = torch.clamp(self.n_last + 2, max=c.bl)
         keep, alive = {}, n
         for layer, p in sorted(self.schedule.items()):
-            k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)
+            k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)  # :462
             k_row[~c.active] = 0
             k = int(k_row.max())
             if k < alive:  # only layers that really prune; past them the kept rows reach the head
@@ -201,47 +219,51 @@ class ESDLLM(Vanilla):
         if not keep:
             return idx, head
         plan = StepPlan(keep=keep, write_hidden=True, alpha=cfg.alpha, confidence=self.conf,
-                        bonus=self._bonus(c, idx))
+                        bonus=self._bonus(c), top2=top2_bonus(cfg.alpha))
         return idx, plan
 
-    def _bonus(self, c: StepContext, idx: Tensor) -> Tensor:
-        """[B, L + 1] bonuses by row (§1.3 step 3); the trash slot never outranks a real row."""
-        cfg, sh = self.cfg, self.sh
+    def _bonus(self, c: StepContext) -> Tensor:
+        """[B, L + 1] constant bonuses by row (§1.3 step 3; generate.py:492-503), assigned in the
+        authors' order; the +2 for the two most confident rows is per prune layer (StepPlan.top2,
+        early_skipping.py:86, 170). The trash slot never outranks a real row."""
         bonus = torch.zeros_like(self.conf)
-        if cfg.alpha > 0:  # +2 for the two most confident forwarded rows
-            fwd_conf = self.conf.gather(1, idx).masked_fill(idx == self.trash, -1.0)
-            # stable sort: ties go to the leftmost row, whatever trash padding precedes it
-            top = torch.sort(fwd_conf, dim=1, descending=True, stable=True).indices[:, :2]
-            bonus.scatter_(1, idx.gather(1, top), 2.0)
-        masked = c.x.gather(1, c.cols) == self.args.mask_id  # +5 for the leftmost masked block position
+        masked = c.x.gather(1, c.cols) == self.args.mask_id  # +5: the row predicting the leftmost masked position
         has = masked.any(1)
-        left = masked.float().argmax(1) + c.s - sh
-        bonus[has, left[has]] += 5.0
-        if cfg.alpha < 1:  # +3 for tokens committed last step: recompute their K/V
-            bonus += 3.0 * self.last.float()
+        left = masked.float().argmax(1) + c.s - self.sh
+        bonus[has, left[has]] = 5.0
+        if self.cfg.alpha < 1:  # +3: rows of last step's tokens, so their K/V are recomputed
+            bonus = torch.where(self.last, 3.0, bonus)
         bonus[:, self.trash] = -1e4
         return bonus
 
-    def filter(self, c: StepContext, C: Tensor, X0: Tensor) -> Tensor:
+    def delayed(self, c: StepContext, pred: Tensor, x0: Tensor) -> Tensor | None:
+        """Delayed EOS (generate.py:89, 178): an EOS proposal for p, while p - 1 is masked and the row
+        has no EOS yet, gets confidence 0. -> [B, m] bool over the head rows."""
         if not self.cfg.delay_eos:
-            return C
+            return None
         has_eos = (c.x[:, c.gen_start:] == self.args.eos_id).any(1)
-        return S.delay_eos(C, X0, c.x.gather(1, c.cols - 1), has_eos, self.args.eos_id, self.args.mask_id)
+        prev = torch.cat([c.x, c.x[:, :1]], 1).gather(1, (pred - 1).clamp(0, self.L))
+        return (x0 == self.args.eos_id) & (prev == self.args.mask_id) & ~has_eos[:, None]
 
-    def update(self, c: StepContext, pred: Tensor, conf: Tensor, chosen: Tensor) -> None:
+    def update(self, c: StepContext, pred: Tensor, conf: Tensor, delayed: Tensor | None, chosen: Tensor) -> None:
         sh, L = self.sh, self.L
+        # the confidence a head row stores: its target's, if that is a masked position of the block,
+        # else 0 (:90, 175); LLaDA stores it after the delayed-EOS zeroing, Dream before (:89-91, 176-178)
+        if delayed is not None and self.args.family == "llada":
+            conf = torch.where(delayed, 0.0, conf)
+        local = pred - c.s[:, None]
+        in_block = (local >= 0) & (local < c.bl)
+        target_masked = in_block & (torch.cat([c.x, c.x[:, :1]], 1).gather(1, pred.clamp(0, L)) == self.args.mask_id)
         rows = (pred - sh).clamp(0, L)
-        self.conf.scatter_(1, rows, conf.float())
-        still = torch.ones_like(self.conf, dtype=torch.bool)
-        still[:, : L - sh] = c.x[:, sh:] == self.args.mask_id
-        still[:, L - sh:] = False
-        self.conf *= still
+        self.conf.scatter_(1, rows, torch.where(target_masked, conf.float(), 0.0))  # after this step's commit
+        self.conf[:, self.trash] = -1.0
         # Rows idle this step (block already done) keep their state, as they would alone.
         a = c.active
+        committed_rows = (c.cols - self.row_shift).clamp(0, L)
         self.last[a] = False
-        self.last.scatter_(1, c.cols, self.last.gather(1, c.cols) | (chosen & a[:, None]))
+        self.last.scatter_(1, committed_rows, self.last.gather(1, committed_rows) | (chosen & a[:, None]))
         self.n_last = torch.where(a, chosen.sum(1), self.n_last)
-        self.leftmost = torch.where(a, torch.where(chosen, c.cols, L).min(1).values, self.leftmost)
+        self.leftmost = torch.where(a, torch.where(chosen, committed_rows, L).min(1).values, self.leftmost)
 
 
 POLICIES = {"vanilla": Vanilla, "fast-dllm": FastDLLM, "es-dllm": ESDLLM}

@@ -7,8 +7,7 @@ Samplers turn logits into a proposed token x0 and a confidence per row:
          (maskgit_plus: p(x0), topk_margin: p1 - p2, entropy: sum p log p) (models.md B.7).
 Commit rules pick which masked block positions take their x0 this step: a scheduled count
 (top-k by confidence), Fast-dLLM's threshold or factor rule (algorithms.md §4.2), or Dream's
-'origin' random transfer. `make_rule` composes the one a DecodeConfig asks for; `delay_eos` is
-ES-dLLM's confidence filter, applied before the rule.
+'origin' random transfer. `make_rule` composes the one a DecodeConfig asks for.
 """
 from __future__ import annotations
 
@@ -169,11 +168,3 @@ def make_rule(cfg, sampler: str, gen):
         k = quota.gather(1, step.clamp(max=steps - 1)[:, None])[:, 0]
         return select_topk(C, torch.where(step < steps, k, masked.sum(1)))
     return llada
-
-
-def delay_eos(C: Tensor, X0: Tensor, prev: Tensor, has_eos: Tensor, eos: int, mask: int) -> Tensor:
-    """ES-dLLM delayed EOS: an EOS proposal at p gets confidence 0 while p - 1 is masked and the row
-    has no EOS yet. C, X0: [B, N] block confidences and proposals; prev: [B, N] tokens at p - 1;
-    has_eos: [B] bool."""
-    block = (X0 == eos) & (prev == mask) & ~has_eos[:, None] & torch.isfinite(C)
-    return torch.where(block, 0.0, C)

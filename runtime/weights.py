@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DTYPES, ModelArgs
+from .config import DTYPES, FAMILIES, ModelArgs
 from .model import Transformer
 from .tokenizer import build_tokenizer, special_ids_from_files
 
@@ -167,6 +167,24 @@ def hf_config_from_args(a: ModelArgs, dtype: torch.dtype) -> dict:
             "use_cache": False, "torch_dtype": dt, **ids}
 
 
+GENERATION_CONFIG = "generation_config.json"
+# Every file a checkpoint of the family needs beside its weights (Dream's own from_pretrained reads
+# generation_config.json; LLaDA's save_pretrained writes one too)
+FAMILY_FILES = {f: ("config.json", GENERATION_CONFIG, "tokenizer.json", "tokenizer_config.json") for f in FAMILIES}
+
+
+def generation_config_from_args(a: ModelArgs) -> dict:
+    """generation_config.json: the special ids, plus for Dream its DreamGenerationConfig defaults
+    (diffusion_generate's own: origin remasking, 512 steps, eps 1e-3, greedy)."""
+    ids = {"eos_token_id": a.eos_id, "pad_token_id": a.pad_id}
+    if a.bos_id is not None:
+        ids["bos_token_id"] = a.bos_id
+    if a.family == "llada":
+        return {"_from_model_config": True, **ids}
+    return {"temperature": 0.0, "top_p": None, "top_k": None, "max_length": 20, "max_new_tokens": None,
+            "eps": 1e-3, "steps": 512, "alg": "origin", "alg_temp": None, "mask_token_id": a.mask_id, **ids}
+
+
 def name_table(args: ModelArgs) -> dict[str, str]:
     """HF tensor name -> our parameter name, for every tensor of a checkpoint of this shape."""
     if args.family == "llada" and args.qkv_bias:
@@ -283,6 +301,8 @@ def save_model(model: Transformer, path, dtype=None, shard_size: int | None = No
     table = name_table(model.args)
     tensors = {hf: sd[ours].detach().to("cpu", dtype).contiguous() for hf, ours in table.items()}
     (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2) + "\n", encoding="utf-8")
+    (path / GENERATION_CONFIG).write_text(json.dumps(generation_config_from_args(model.args), indent=2) + "\n",
+                                          encoding="utf-8")
     for stale in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)  # a re-save must not leave the other layout behind
     meta = {"format": "pt"}

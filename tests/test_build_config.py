@@ -119,7 +119,8 @@ def test_missing_variant_file_and_unbuilt_variant(copy_of):
     cache = ex.new_cache(1, 12, (1,))
     cache.set_layout(torch.zeros(1, dtype=torch.long))
     idx = torch.arange(4, 12)[None]
-    plan = StepPlan(keep={1: _keep(2)}, write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13))
+    plan = StepPlan(keep={1: _keep(2)}, write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13),
+                    top2=2.0)
     with pytest.raises(EngineError, match="have no 'skip' graph .*built variants: dense"):
         ex.step(idx, idx, cache, plan)
     (copy_of / "dense.onnx").unlink()
@@ -159,7 +160,7 @@ def test_plans_outside_the_build(dense_only):
     cache = ex.new_cache(1, 12, (1,))
     cache.set_layout(torch.zeros(1, dtype=torch.long))
     idx = torch.arange(4, 12)[None]
-    es = dict(write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13))
+    es = dict(write_hidden=True, confidence=torch.zeros(1, 13), bonus=torch.zeros(1, 13), top2=2.0)
     with pytest.raises(ValueError, match="the plan prunes at layer 0, but the skip graph prunes at layers \\[1\\]"):
         ex.step(idx, idx, cache, StepPlan(keep={0: _keep(2)}, **es))
     with pytest.raises(ValueError, match="plan alpha 0.7 differs from the alpha 0.5"):

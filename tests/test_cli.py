@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from esdllm.runtime import cli
 from esdllm.runtime.bench import PRESETS, run_bench
@@ -66,3 +67,16 @@ def test_bench_defaults_to_the_committed_model_with_eos_semantics(capsys):
 def test_bench_rejects_preset_with_model(capsys):
     rc = cli.main(["bench", "--preset", "tiny", "--model", "models/llada-tiny"])
     assert rc == 2 and "not both" in capsys.readouterr().err
+
+
+def test_llada_reference_generate_decodes_what_vanilla_decodes(llada_ckpt):
+    """The bench's side-by-side baseline is the same work: LLaDA's loop gives vanilla's tokens."""
+    from esdllm.runtime.bench import reference_generate
+    from esdllm.runtime.config import DecodeConfig
+    from esdllm.runtime.generate import generate
+    from esdllm.runtime.weights import load_model
+    m = load_model(llada_ckpt)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [3]]
+    cfg = DecodeConfig(gen_length=16, block_length=8)
+    ref, ours = reference_generate(m, prompts, cfg), generate(m, prompts, cfg)
+    assert torch.equal(ref.tokens, ours.tokens) and ref.stats.nfe == ours.stats.nfe == 16

@@ -92,7 +92,8 @@ def test_committed_models_are_small_hf_checkpoints_that_answer(family):
     from esdllm.runtime import task
     from esdllm.runtime.pipeline import Pipeline
     assert json.loads((d / "config.json").read_text())["model_type"].lower() == family  # Dream spells it "Dream"
-    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in d.iterdir()}
+    from esdllm.runtime.weights import FAMILY_FILES
+    assert {"model.safetensors", *FAMILY_FILES[family]} <= {f.name for f in d.iterdir()}
     assert sum(f.stat().st_size for f in d.iterdir()) < 25 * 2**20
     pipe = Pipeline.load(d)
     probs = task.problems(77, 8, split="heldout", family="maps")

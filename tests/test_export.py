@@ -182,7 +182,7 @@ def _plans(L, B, prune):
     blk = torch.arange(10, 18).expand(B, 8).clone()
     blk[1, :3] = L                         # an entry with trash rows
     full = torch.arange(L).expand(B, L).clone()
-    es = dict(write_hidden=True, confidence=conf, bonus=bonus, alpha=0.5)
+    es = dict(write_hidden=True, confidence=conf, bonus=bonus, alpha=0.5, top2=2.0)
     return {
         "full-head-hidden": (full, StepPlan(head=torch.arange(9, 17).expand(B, 8), write_hidden=True)),
         "block": (blk, StepPlan()),

@@ -296,3 +296,18 @@ def test_make_tiny_checkpoint_script(tmp_path):
     model = load_model(tmp_path)
     assert (model.args.n_layers, model.args.n_kv_heads) == (1, 2)
     assert (tmp_path / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_saved_checkpoints_carry_the_family_file_set(tmp_path, family):
+    """generation_config.json too: Dream's own from_pretrained reads it (research/models.md B.1)."""
+    from transformers import GenerationConfig
+
+    from esdllm.runtime.weights import FAMILY_FILES, make_tiny_checkpoint
+    d = make_tiny_checkpoint(family, tmp_path / family)
+    assert set(FAMILY_FILES[family]) <= {f.name for f in d.iterdir()}
+    gc = GenerationConfig.from_pretrained(str(d))
+    args = load_model(d).args
+    assert gc.eos_token_id == args.eos_id and gc.pad_token_id == args.pad_id
+    if family == "dream":
+        assert gc.mask_token_id == args.mask_id and gc.alg == "origin"
