@@ -44,6 +44,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--prune-layers", type=_ints, default=None,
                    help="comma list of prune layers (default: where the skip schedule prunes)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="ES-dLLM importance weight baked into the skip graph")
+    g.add_argument("--saliency-tau", type=float, default=d.saliency_tau,
+                   help="DyLLM saliency threshold baked into the saliency graph")
     g.add_argument("--plugins", default=d.plugins, choices=PLUGIN_MODES,
                    help="TensorRT: AOT or JIT plugin kernels, or none (expand the local functions)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

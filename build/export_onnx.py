@@ -78,7 +78,7 @@ class SharedWeights:
 def export_variant(model: Transformer, variant: str, cfg: BuildConfig, prune_layers: tuple[int, ...],
                    out_path: Path, weights: SharedWeights) -> dict:
     """Write one variant's .onnx next to the shared weights; returns its engine.json entry."""
-    graph = StepGraph(model, variant, prune_layers, cfg.alpha, cfg.dtype)
+    graph = StepGraph(model, variant, prune_layers, cfg.alpha, cfg.dtype, cfg.saliency_tau)
     ins, outs = contract.io_spec(variant, model.args, prune_layers, cfg.dtype)
     dynamic = {io["name"]: {i: d for i, d in enumerate(io["shape"]) if isinstance(d, str)}
                for io in ins + outs}

@@ -82,8 +82,9 @@ class _GraphCache:
     index comes from the traced shape, so it follows the canvas length."""
 
     def __init__(self, k: list[Tensor], v: list[Tensor], hidden: dict[int, Tensor],
-                 positions: Tensor, key_valid: Tensor):
+                 positions: Tensor, key_valid: Tensor, ctx: dict[int, Tensor], ffn: dict[int, Tensor]):
         self.k, self.v, self.hidden, self.positions, self.key_valid = k, v, hidden, positions, key_valid
+        self.ctx, self.ffn, self.dv = ctx, ffn, None  # dV scratch: made inside the graph
 
     @property
     def trash(self):
@@ -94,11 +95,12 @@ class StepGraph(nn.Module):
     """One variant's forward: the graph inputs in contract order -> outputs in contract order."""
 
     def __init__(self, model: Transformer, variant: str, prune_layers: tuple[int, ...], alpha: float,
-                 dtype: str):
+                 dtype: str, saliency_tau: float = 0.99):
         super().__init__()
         if variant == "skip" and not prune_layers:
             raise ValueError("the skip variant needs at least one prune layer")
         self.model, self.variant, self.prune_layers, self.alpha = model, variant, tuple(prune_layers), alpha
+        self.saliency_tau = saliency_tau
         ins, outs = contract.io_spec(variant, model.args, self.prune_layers, dtype)
         self.input_names = [i["name"] for i in ins]
         self.output_names = [o["name"] for o in outs]
@@ -107,17 +109,22 @@ class StepGraph(nn.Module):
         x = dict(zip(self.input_names, inputs))
         n_layers = self.model.args.n_layers
         hidden = {l: x[contract.hidden_name(l)] for l in self.prune_layers if contract.hidden_name(l) in x}
+        ctx = {l: x[contract.ctx_name(l)] for l in range(n_layers) if contract.ctx_name(l) in x}
+        ffn = {l: x[contract.ffn_name(l)] for l in range(n_layers) if contract.ffn_name(l) in x}
         cache = _GraphCache([x[contract.k_name(l)] for l in range(n_layers)],
                             [x[contract.v_name(l)] for l in range(n_layers)], hidden,
-                            x["positions"], x["key_valid"])
+                            x["positions"], x["key_valid"], ctx, ffn)
         if self.variant == "skip":
             keep = {l: x[contract.keep_name(i)] for i, l in enumerate(self.prune_layers)}
             plan = StepPlan(keep=keep, write_hidden=True, confidence=x["confidence"], bonus=x["bonus"],
                             alpha=self.alpha, top2=top2_bonus(self.alpha))
+        elif self.variant == "saliency":  # every row computed, the salient ones kept: static shapes
+            plan = StepPlan(head=x["head"], salient=x["salient"], tau=self.saliency_tau, padded=True)
         else:
-            plan = StepPlan(head=x["head"], write_hidden=bool(hidden))
+            plan = StepPlan(head=x["head"], write_hidden=bool(hidden), write_context=bool(ctx))
         logits, pred = self.model.step(x["tokens"], x["idx"], cache, plan, ops=EXPORT_OPS)
-        return (logits, pred, *cache.k, *cache.v, *(hidden[l] for l in sorted(hidden)))
+        return (logits, pred, *cache.k, *cache.v, *(ctx[l] for l in sorted(ctx)), *(ffn[l] for l in sorted(ffn)),
+                *(hidden[l] for l in sorted(hidden)))
 
 
 def example_inputs(graph: StepGraph, dtype: str, batch: int = 2) -> tuple[Tensor, ...]:
@@ -137,6 +144,7 @@ def example_inputs(graph: StepGraph, dtype: str, batch: int = 2) -> tuple[Tensor
         "key_valid": torch.arange(S).expand(batch, S) < L,
         "head": torch.arange(1, n - 1).expand(batch, n - 2).clone(),
         "confidence": torch.rand(batch, S, generator=g), "bonus": torch.zeros(batch, S),
+        "salient": torch.arange(n).expand(batch, n) % 3 == 0,
     }
     for i in range(P):
         k = n - 2 * (i + 1)
@@ -149,6 +157,8 @@ def example_inputs(graph: StepGraph, dtype: str, batch: int = 2) -> tuple[Tensor
             out.append(val[name])
         elif name.startswith(("k_cache.", "v_cache.")):
             out.append(0.1 * torch.randn(batch, a.n_kv_heads, S, a.head_dim, generator=g).to(dt))
-        else:  # hidden.l
+        elif name.startswith("ctx_cache."):
+            out.append(torch.randn(batch, S, a.n_heads * a.head_dim, generator=g).to(dt))
+        else:  # hidden.l, ffn_cache.l
             out.append(torch.randn(batch, S, a.dim, generator=g).to(dt))
     return tuple(out)

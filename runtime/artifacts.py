@@ -21,7 +21,7 @@ from .config import DTYPES, DecodeConfig, ModelArgs
 ENGINE_JSON = "engine.json"
 FORMAT, FORMAT_VERSION = "esdllm-engine", 1
 BACKENDS = ("onnx", "tensorrt", "tensorrt-rtx")
-VARIANTS = ("dense", "dense_hidden", "skip")
+VARIANTS = ("dense", "dense_hidden", "skip", "dense_context", "saliency")
 PLUGIN_MODES = ("aot", "jit", "none")
 _D = DecodeConfig()
 
@@ -55,6 +55,7 @@ class BuildConfig:
     skip_positions: tuple[float, ...] = _D.skip_positions
     prune_layers: tuple[int, ...] | None = None
     alpha: float = _D.alpha
+    saliency_tau: float = _D.saliency_tau  # DyLLM's threshold, baked into the saliency graph
     plugins: str = "aot"        # TensorRT: plugin implementation (aot | jit) or none (local functions)
 
     def __post_init__(self):

@@ -44,6 +44,8 @@ def _llada(dim, layers, heads, ff, vocab=126464, **kw) -> ModelArgs:
 PRESETS = {
     "tiny": Preset(_llada(64, 4, 4, 128, vocab=256), prompt=24, gen=32, block=16, rounds=1),
     "cpu": Preset(_llada(384, 8, 6, 1024, vocab=2048), prompt=384, gen=128, block=32, rounds=1),
+    # long generations: how each method's cost grows with the generation length (gen 512; --gen-length 1024)
+    "cpu-long": Preset(_llada(384, 8, 6, 1024, vocab=2048), prompt=128, gen=512, block=32, rounds=1),
     "llada-8b": Preset(_llada(4096, 32, 32, 12288), prompt=1024, gen=256, block=64, batch=8, dtype="bfloat16"),
     "dream-7b": Preset(ModelArgs(family="dream", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                                  intermediate_size=18944, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
@@ -52,7 +54,9 @@ PRESETS = {
                        prompt=1024, gen=256, block=64, batch=8, dtype="bfloat16"),
 }
 
-METHODS = ("vanilla", "fast-dllm-dual", "fast-dllm-dual-t0.9", "es-dllm", "es-dllm-t0.9")  # config.DECODE_PRESETS
+METHODS = ("vanilla", "fast-dllm-dual", "fast-dllm-dual-t0.9", "es-dllm", "es-dllm-t0.9", "streaming-dllm",
+           "dyllm", "es-dllm+streaming")  # config.DECODE_PRESETS
+LONG_METHODS = ("vanilla", "fast-dllm-prefix", "streaming-dllm", "dyllm", "es-dllm", "es-dllm+streaming")
 REFERENCE = "llada-reference"  # reference_generate below: the same work as vanilla, the way LLaDA's code does it
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 
@@ -126,7 +130,7 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
          rounds: int, progress: bool, stop_ids: set[int]) -> dict:
     base = DecodeConfig(gen_length=gen, block_length=block, prompt_update_freq=max(64, block), block_update_freq=16)
     cfgs = {m: base.replace(**DECODE_PRESETS.get(m, DECODE_PRESETS["vanilla"])) for m in methods}
-    res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0) for m in methods}
+    res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0, cache_bytes=0) for m in methods}
     total = len(methods) * (rounds + 1)
     bar = _bar(progress, total)
     if device.startswith("cuda"):
@@ -146,6 +150,7 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
                 for k, v in (("seconds", s.seconds), ("tokens", s.generated_tokens), ("nfe", s.nfe),
                              ("positions", s.positions_computed), ("steps", s.steps)):
                     res[m][k] += v
+                res[m]["cache_bytes"] = max(res[m]["cache_bytes"], s.extra.get("cache_bytes", 0))
             if bar:
                 bar.update(1)
     if bar:
@@ -156,14 +161,19 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
                     "tokens_per_forward": round(v["tokens"] / max(v["nfe"], 1), 3),
                     "positions_per_forward": round(v["positions"] / max(v["nfe"], 1), 2),
                     "seconds": round(v["seconds"] / rounds, 4),
-                    "ms_per_forward": round(1000 * v["seconds"] / max(v["nfe"], 1), 3)}
+                    "ms_per_forward": round(1000 * v["seconds"] / max(v["nfe"], 1), 3),
+                    "cache_mib": round(v["cache_bytes"] / 2**20, 3)}
         if m in peak:
             table[m]["peak_gib"] = round(peak[m], 3)
     out = {"preset": None, "batch": len(prompts), "gen": gen, "block": block, "device": _device_name(device),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": table, "speedup": {}}
     if REFERENCE in table and "vanilla" in table:
         out["speedup"][f"vanilla/{REFERENCE}"] = round(table["vanilla"]["tps"] / table[REFERENCE]["tps"], 3)
-    for m in (m for m in table if m.startswith("es-dllm")):
+    for m, ref in (("streaming-dllm", "fast-dllm-prefix"), ("dyllm", "vanilla"), ("es-dllm+streaming", "es-dllm"),
+                   ("streaming-dllm", "vanilla")):
+        if m in table and ref in table:
+            out["speedup"][f"{m}/{ref}"] = round(table[m]["tps"] / table[ref]["tps"], 3)
+    for m in (m for m in table if m.startswith("es-dllm") and m in DECODE_PRESETS and "+" not in m):
         # against vanilla, and against the dual cache with the same decoding rule (one token a step
         # or the same threshold)
         for ref in ("vanilla", "fast-dllm-dual" + m.removeprefix("es-dllm")):
@@ -194,10 +204,10 @@ def print_table(out: dict) -> None:
     src = f"model {out['model']}" if out.get("model") else f"preset {out['preset']}"
     print(f"{src}: batch {out['batch']}, prompt {out['prompt']}, gen {out['gen']}, "
           f"block {out['block']}, {out['dtype']}, {out['device']}, torch {out['torch']}")
-    print(f"{'method':<22}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}")
+    print(f"{'method':<22}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}{'cache MiB':>10}")
     for m, v in out["methods"].items():
         print(f"{m:<22}{v['tps']:>10.2f}{v['nfe']:>6}{v['tokens_per_forward']:>9.2f}"
-              f"{v['positions_per_forward']:>10.1f}{v['ms_per_forward']:>9.2f}{v['seconds']:>9.3f}")
+              f"{v['positions_per_forward']:>10.1f}{v['ms_per_forward']:>9.2f}{v['seconds']:>9.3f}{v['cache_mib']:>10.2f}")
     for k, v in out["speedup"].items():
         print(f"speedup {k}: {v:.2f}x")
 
@@ -205,7 +215,7 @@ def print_table(out: dict) -> None:
 def _cmd(ns) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    methods = ns.methods.split(",")
+    methods = (ns.methods or ",".join(LONG_METHODS if ns.preset == "cpu-long" else METHODS)).split(",")
     unknown = [m for m in methods if m not in DECODE_PRESETS and m != REFERENCE]
     if unknown:
         raise ValueError(f"unknown bench method(s) {unknown}; expected some of {[*DECODE_PRESETS, REFERENCE]}")
@@ -236,7 +246,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="random weights at this shape instead")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model")
-    p.add_argument("--methods", default=",".join(m for m in METHODS))
+    p.add_argument("--methods", default=None, help="comma list of decode presets (config.DECODE_PRESETS) or "
+                   f"{REFERENCE} (default: {','.join(METHODS)}; cpu-long: {','.join(LONG_METHODS)})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)

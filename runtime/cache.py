@@ -23,22 +23,36 @@ class Cache:
     k[l], v[l]: [B, n_kv_heads, L + 1, head_dim]; hidden[l]: [B, L + 1, dim] for l in hidden_layers;
     positions: [B, L + 1] int64, the true RoPE position of each slot (left padding aware);
     key_valid: [B, L + 1] bool, False for left padding and the trash slot.
+    With saliency (DyLLM): ctx[l] [B, L + 1, H * hd] the attention output before wo, ffn[l]
+    [B, L + 1, dim] the FFN output, of every layer, and dv [B, Hkv, L + 1, hd] a zeroed scratch
+    for the value deltas of one layer.
     """
 
     def __init__(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device,
-                 hidden_layers: tuple[int, ...] = ()):
+                 hidden_layers: tuple[int, ...] = (), saliency: bool = False):
         self.batch, self.length = batch, length
         shape = (batch, args.n_kv_heads, length + 1, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.hidden = {l: torch.zeros(batch, length + 1, args.dim, dtype=dtype, device=device)
                        for l in hidden_layers}
+        layers = range(args.n_layers) if saliency else ()
+        self.ctx = {l: torch.zeros(batch, length + 1, args.n_heads * args.head_dim, dtype=dtype, device=device)
+                    for l in layers}
+        self.ffn = {l: torch.zeros(batch, length + 1, args.dim, dtype=dtype, device=device) for l in layers}
+        self.dv = torch.zeros(shape, dtype=dtype, device=device) if saliency else None
         self.positions = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, length + 1, dtype=torch.bool, device=device)
 
     @property
     def trash(self) -> int:
         return self.length
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds (K/V, hidden, context and FFN caches, scratch)."""
+        ts = [*self.k, *self.v, *self.hidden.values(), *self.ctx.values(), *self.ffn.values()]
+        ts += [t for t in (self.dv, self.positions, self.key_valid) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def set_layout(self, pad_lens: Tensor) -> None:
         """pad_lens: [B] int, number of left-padding slots per row."""
@@ -61,6 +75,11 @@ class StepPlan:
     write_hidden: store the surviving rows' hidden states at the prune layers (ES-dLLM).
     confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
     top2: added at each prune layer to the two most confident rows alive there (ES-dLLM).
+    key_mask: [B, L + 1] bool, the slots this forward may attend to, on top of the cache's key_valid
+        (Streaming-dLLM's pruned suffix); None: every valid slot.
+    write_context: store every row's attention context and FFN output (DyLLM's dense steps).
+    salient: [B, n] bool, DyLLM's sparse step: the rows whose input changed since their caches were
+        written (the tokens committed last step); tau: the saliency threshold; padded: static shapes.
     """
 
     head: Tensor | None = None
@@ -70,6 +89,15 @@ class StepPlan:
     bonus: Tensor | None = None
     alpha: float = 0.5
     top2: float = 0.0
+    key_mask: Tensor | None = None
+    write_context: bool = False
+    salient: Tensor | None = None
+    tau: float = 0.99
+    padded: bool = False
+
+    def keys(self, cache: "Cache") -> Tensor:
+        """[B, L + 1] bool: the key slots this forward attends to."""
+        return cache.key_valid if self.key_mask is None else cache.key_valid & self.key_mask
 
     def rows_per_layer(self, n: int, n_layers: int) -> float:
         """Rows processed per layer, averaged over layers (the dense compute of one forward of n rows)."""

@@ -155,7 +155,7 @@ def bench_serve(url: str, concurrency: int, n_requests: int, knobs: dict, prompt
 def _knobs(ns) -> dict:
     """Flags -> optional inputs; only the ones given, so the server's defaults apply otherwise."""
     names = ("max_tokens", "method", "block_length", "steps", "threshold", "temperature", "random_seed",
-             "cache", "chat")
+             "cache", "chat", "suffix_window", "dynamic_alpha", "early_exit", "saliency_tau")
     out = {n: getattr(ns, n) for n in names if getattr(ns, n, None) not in (None, False)}
     return out
 
@@ -212,6 +212,10 @@ def _common(p) -> None:
     p.add_argument("--random-seed", type=int, default=None)
     p.add_argument("--cache", default=None, choices=CACHES)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--suffix-window", type=int, default=None, help="streaming: suffix positions kept (default: the server's)")
+    p.add_argument("--dynamic-alpha", type=float, default=None, help="streaming: dynamic threshold alpha")
+    p.add_argument("--early-exit", action="store_true", default=None, help="end the row at a finished block holding EOS")
+    p.add_argument("--saliency-tau", type=float, default=None, help="dyllm: saliency threshold")
 
 
 def register(subparsers) -> None:

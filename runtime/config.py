@@ -8,7 +8,10 @@ import math
 from dataclasses import dataclass, field
 
 FAMILIES = ("llada", "dream")
-METHODS = ("vanilla", "fast-dllm", "es-dllm")
+METHODS = ("vanilla", "fast-dllm", "es-dllm", "streaming-dllm", "dyllm")
+# Streaming-dLLM's main setting (paper Table 11, LLaDA GSM8K; τ0 0.9, block 32): the defaults of its knobs
+STREAMING_DEFAULTS = dict(threshold=0.9, suffix_window=96, dynamic_alpha=0.3, early_exit=True)
+WINDOW_METHODS = ("fast-dllm", "es-dllm", "streaming-dllm")   # where suffix pruning means something
 CACHES = ("prefix", "dual", "none")
 DTYPES = ("float32", "float16", "bfloat16")   # runtime/weights.py maps them to torch dtypes
 SAMPLERS = ("llada", "dream")
@@ -20,9 +23,17 @@ DECODE_PRESETS: dict[str, dict] = {
     "vanilla": dict(method="vanilla"),
     "fast-dllm-dual": dict(method="fast-dllm", cache="dual"),
     "fast-dllm-dual-t0.9": dict(method="fast-dllm", cache="dual", threshold=0.9),
+    "fast-dllm-prefix": dict(method="fast-dllm", cache="prefix"),
     "fast-dllm-prefix-t0.9": dict(method="fast-dllm", cache="prefix", threshold=0.9),
     "es-dllm": dict(method="es-dllm"),
     "es-dllm-t0.9": dict(method="es-dllm", threshold=0.9),
+    "streaming-dllm": dict(method="streaming-dllm"),
+    "dyllm": dict(method="dyllm"),
+    "dyllm-t0.9": dict(method="dyllm", threshold=0.9),
+    "es-dllm+streaming": dict(method="es-dllm", suffix_window=96, trailing=True, dynamic_alpha=0.3,
+                              early_exit=True, threshold=0.9),
+    "es-dllm-t0.9-dyn-exit": dict(method="es-dllm", threshold=0.9, dynamic_alpha=0.3, early_exit=True),
+    "fast-dllm-prefix-t0.9-exit": dict(method="fast-dllm", cache="prefix", threshold=0.9, early_exit=True),
 }
 
 
@@ -75,7 +86,7 @@ class DecodeConfig:
     """How to decode. Defaults follow the reference samplers (research/models.md A.7, B.7) and the
     ES-dLLM / Fast-dLLM papers (research/algorithms.md §1, §4)."""
 
-    method: str = "vanilla"            # vanilla | fast-dllm | es-dllm
+    method: str = "vanilla"            # vanilla | fast-dllm | es-dllm | streaming-dllm | dyllm
     gen_length: int = 128
     block_length: int = 32
     steps: int | None = None           # None: gen_length (one token a step)
@@ -107,7 +118,17 @@ class DecodeConfig:
     # own row, the block-start forward from it, the block's last row forwarded) instead of the
     # authors' predicting-row coordinates; README "ES-dLLM as its authors wrote it"
     es_token_rows: bool = False
-    stop_at_eos: bool = False          # stop once a finished block holds EOS (off: reproduce the reference)
+    # Streaming-dLLM (algorithms.md §3; None: its main setting for streaming-dllm, off elsewhere)
+    suffix_window: int | None = None   # keep this many suffix positions after the block (tokens)
+    trailing: bool = True              # ... and the generation's last position (its length, via RoPE)
+    dynamic_alpha: float | None = None  # threshold tau(t) = tau0 (1 - alpha (1 - masked share))
+    # early exit, any method: a finished block holding EOS ends the row (None: on for streaming-dllm)
+    early_exit: bool | None = None
+    # DyLLM (algorithms.md §2): dense steps, then only salient rows (cosine of the attention context
+    # against its cache below tau) recompute K/V and FFN; the prompt rows are queried every P steps
+    saliency_tau: float = 0.99
+    full_steps: int = 4
+    prompt_period: int = 4
 
     def __post_init__(self):
         err = _validate(self)
@@ -117,6 +138,16 @@ class DecodeConfig:
     @property
     def n_steps(self) -> int:
         return self.steps if self.steps is not None else self.gen_length
+
+    def resolved(self, name: str):
+        """A Streaming-dLLM knob (threshold, suffix_window, dynamic_alpha, early_exit) as the step uses
+        it: what was given, else the streaming-dllm default for that method, else off."""
+        v = getattr(self, name)
+        if v is not None:
+            return v
+        if self.method == "streaming-dllm":
+            return STREAMING_DEFAULTS[name]
+        return {"dynamic_alpha": 0.0, "early_exit": False}.get(name)
 
     def replace(self, **kw) -> "DecodeConfig":
         return dataclasses.replace(self, **kw)
@@ -156,6 +187,25 @@ def _validate(c: DecodeConfig) -> str | None:
         return f"top_p must be in (0, 1], got {c.top_p}"
     if c.top_k is not None and c.top_k <= 0:
         return f"top_k must be positive, got {c.top_k}"
+    if c.method == "streaming-dllm" and c.factor is not None:
+        return "streaming-dllm decodes by its dynamic threshold; factor does not apply"
+    if c.suffix_window is not None:
+        if c.method not in WINDOW_METHODS:
+            return (f"suffix_window applies to {', '.join(WINDOW_METHODS)} (it prunes the suffix those forward "
+                    f"or attend to); {c.method} runs the whole canvas")
+        if c.suffix_window < 0:
+            return f"suffix_window must be >= 0, got {c.suffix_window}"
+        if c.method == "fast-dllm" and c.cache == "none":
+            return "suffix_window needs a cache (prefix or dual): without one every step is a full forward"
+    if c.dynamic_alpha is not None:
+        if not 0 <= c.dynamic_alpha < 1:
+            return f"dynamic_alpha must be in [0, 1), got {c.dynamic_alpha}"
+        if c.resolved("threshold") is None and c.dynamic_alpha > 0:
+            return "dynamic_alpha scales a confidence threshold: give --threshold too"
+    if not 0 < c.saliency_tau <= 1:
+        return f"saliency_tau must be in (0, 1], got {c.saliency_tau}"
+    if c.full_steps < 1 or c.prompt_period < 1:
+        return f"full_steps and prompt_period must be >= 1, got {c.full_steps}, {c.prompt_period}"
     if c.threshold is not None and c.factor is not None:
         return "threshold and factor are exclusive parallel-decoding rules; give one"
     if c.threshold is not None and not 0 < c.threshold <= 1:

@@ -6,6 +6,9 @@ how one planned step becomes a variant's named inputs. build/ exports to it; eve
   dense         rows [B, n] against the cache, no pruning; `head` picks the rows that reach the LM head
   dense_hidden  dense, plus the hidden caches at the prune layers merged (ES-dLLM refresh steps)
   skip          token_gather at every built prune layer, keep counts as rank masks: one graph, every k
+  dense_context dense, plus every layer's attention context and FFN output stored (DyLLM's dense steps)
+  saliency      DyLLM's sparse step: `salient` marks the rows whose input changed; each layer's salient
+                rows are decided in the graph (tau baked in), computed over all rows, masked (static shapes)
 
 Axis names: batch, rows (forwarded rows), slots (canvas + trash), out (rows at the LM head), keep_i
 (rows kept at the i-th prune layer). Cache semantics, one for every executor: a graph returns each
@@ -35,6 +38,14 @@ def hidden_name(layer: int) -> str:
     return f"hidden.{layer}"
 
 
+def ctx_name(layer: int) -> str:
+    return f"ctx_cache.{layer}"
+
+
+def ffn_name(layer: int) -> str:
+    return f"ffn_cache.{layer}"
+
+
 def keep_name(i: int) -> str:
     """The keep mask of the i-th built prune layer (by position in prune_layers, not layer number)."""
     return f"keep_mask.{i}"
@@ -50,9 +61,15 @@ def has_hidden(variant: str) -> bool:
     return variant in ("dense_hidden", "skip")
 
 
+def has_context(variant: str) -> bool:
+    return variant in ("dense_context", "saliency")
+
+
 def cache_inputs(variant: str, n_layers: int, prune_layers: tuple[int, ...]) -> list[str]:
     """The cache tensors a variant takes (and returns merged), in graph order."""
     names = [k_name(l) for l in range(n_layers)] + [v_name(l) for l in range(n_layers)]
+    if has_context(variant):
+        names += [ctx_name(l) for l in range(n_layers)] + [ffn_name(l) for l in range(n_layers)]
     return names + ([hidden_name(l) for l in prune_layers] if has_hidden(variant) else [])
 
 
@@ -78,9 +95,13 @@ def io_spec(variant: str, args: ModelArgs, prune_layers: tuple[int, ...], dtype:
         ins += [t(keep_name(i), "bool", ["batch", f"keep_{i}"]) for i in range(len(prune_layers))]
     else:
         ins.append(t("head", "int64", ["batch", "out"]))
-    shapes = {"k": ["batch", args.n_kv_heads, "slots", args.head_dim], "h": ["batch", "slots", args.dim]}
-    caches = [(name, shapes["h" if name.startswith("hidden") else "k"])
-              for name in cache_inputs(variant, args.n_layers, prune_layers)]
+    if variant == "saliency":
+        ins.append(t("salient", "bool", ["batch", "rows"]))
+    shapes = {"k_cache": ["batch", args.n_kv_heads, "slots", args.head_dim], "v_cache": None,
+              "hidden": ["batch", "slots", args.dim], "ffn_cache": None,
+              "ctx_cache": ["batch", "slots", args.n_heads * args.head_dim]}
+    shapes["v_cache"], shapes["ffn_cache"] = shapes["k_cache"], shapes["hidden"]
+    caches = [(name, shapes[name.rsplit(".", 1)[0]]) for name in cache_inputs(variant, args.n_layers, prune_layers)]
     ins += [t(name, dtype, shape) for name, shape in caches]
     outs = [t("logits", dtype, ["batch", "out", args.vocab_size]), t("pred", "int64", ["batch", "out"])]
     outs += [t(output_name(name), dtype, shape) for name, shape in caches]
@@ -88,7 +109,12 @@ def io_spec(variant: str, args: ModelArgs, prune_layers: tuple[int, ...], dtype:
 
 
 def variant_of(plan: StepPlan, cache: Cache) -> str:
-    """skip when the plan prunes, dense_hidden when it writes hidden states, dense otherwise."""
+    """saliency / dense_context for DyLLM's sparse / dense steps, skip when the plan prunes,
+    dense_hidden when it writes hidden states, dense otherwise."""
+    if plan.salient is not None:
+        return "saliency"
+    if plan.write_context:
+        return "dense_context"
     if plan.keep:
         return "skip"
     return "dense_hidden" if plan.write_hidden and cache.hidden else "dense"
@@ -102,6 +128,10 @@ def cache_tensor(cache: Cache, name: str) -> Tensor | None:
         return cache.k[layer]
     if kind == "v_cache":
         return cache.v[layer]
+    if kind == "ctx_cache":
+        return cache.ctx[layer]
+    if kind == "ffn_cache":
+        return cache.ffn[layer]
     return cache.hidden.get(layer)
 
 
@@ -118,7 +148,7 @@ def step_feeds(args: ModelArgs, prune_layers: tuple[int, ...], tokens: Tensor, i
     if B != cache.batch:
         raise ValueError(f"idx has batch {B}, the cache {cache.batch}")
     variant = variant_of(plan, cache)
-    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": cache.key_valid}
+    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": plan.keys(cache)}
     if variant == "skip":
         missing = sorted(set(plan.keep) - set(prune_layers))
         if missing:
@@ -141,6 +171,10 @@ def step_feeds(args: ModelArgs, prune_layers: tuple[int, ...], tokens: Tensor, i
     else:
         feeds["head"] = plan.head if plan.head is not None else \
             idx.new_tensor(range(n)).expand(B, n)
+    if variant == "saliency":
+        feeds["salient"] = plan.salient
+    if has_context(variant) and not cache.ctx:
+        raise ValueError("a DyLLM step needs a cache with context and FFN caches (new_cache(saliency=True))")
     zeros = None
     for name in cache_inputs(variant, args.n_layers, prune_layers):
         t = cache_tensor(cache, name)

@@ -25,7 +25,8 @@ EVAL_SEED = 1234  # training draws split "train" with its own seed; this seed is
 
 @dataclass(frozen=True)
 class EvalConfig:
-    methods: tuple[str, ...] = ("vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9")  # config.DECODE_PRESETS
+    methods: tuple[str, ...] = ("vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9", "streaming-dllm", "dyllm-t0.9",
+                                "es-dllm+streaming")  # config.DECODE_PRESETS
     n: int = 200
     seed: int = EVAL_SEED
     gen_length: int = 64

@@ -53,8 +53,8 @@ class TorchExecutor:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = ()) -> Cache:
-        return self.model.new_cache(batch, length, hidden_layers)
+    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = (), saliency: bool = False) -> Cache:
+        return self.model.new_cache(batch, length, hidden_layers, saliency)
 
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None):
         return self.model.step(tokens, idx, cache, plan)
@@ -93,7 +93,7 @@ class GraphExecutor:
                                   f"{variant!r} graph; rebuild them") from None
         return self._open[variant]
 
-    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = ()) -> Cache:
+    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = (), saliency: bool = False) -> Cache:
         self.spec.check_canvas(batch, length)
         extra = sorted(set(hidden_layers) - set(self.prune_layers))
         if extra:
@@ -101,7 +101,7 @@ class GraphExecutor:
                 f"hidden-state cache at layer {extra[0]} requested, but the artifacts in {self.spec.root} "
                 f"were built with prune layers {list(self.prune_layers)}; rebuild with matching "
                 f"--skip-proportions/--skip-positions or --prune-layers")
-        return Cache(self.args, batch, length, self.dtype, self.device, tuple(hidden_layers))
+        return Cache(self.args, batch, length, self.dtype, self.device, tuple(hidden_layers), saliency)
 
     def check_request(self, batch: int, prompt_len: int, gen_length: int) -> None:
         self.spec.check_request(batch, prompt_len, gen_length)
@@ -112,6 +112,9 @@ class GraphExecutor:
         if plan.keep and abs(plan.alpha - self.spec.build.alpha) > 1e-9:
             raise ValueError(f"plan alpha {plan.alpha} differs from the alpha {self.spec.build.alpha} the skip "
                              f"graph in {self.spec.root} was built with; rebuild with --alpha {plan.alpha}")
+        if plan.salient is not None and abs(plan.tau - self.spec.build.saliency_tau) > 1e-9:
+            raise ValueError(f"plan saliency tau {plan.tau} differs from the tau {self.spec.build.saliency_tau} the "
+                             f"saliency graph in {self.spec.root} was built with; rebuild with --saliency-tau {plan.tau}")
         if plan.keep and plan.top2 != top2_bonus(self.spec.build.alpha):
             raise ValueError(f"plan top-2 bonus {plan.top2} differs from the skip graph's "
                              f"{top2_bonus(self.spec.build.alpha)} ({self.spec.root})")

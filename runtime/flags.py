@@ -48,7 +48,21 @@ def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--no-delay-eos", dest="delay_eos", action="store_false")
     g.add_argument("--es-token-rows", action="store_true",
                    help="es-dllm on Dream: refresh rows in token, not predicting-row, coordinates (README)")
-    g.add_argument("--stop-at-eos", action="store_true")
+    g = p.add_argument_group("streaming-dllm (also es-dllm / fast-dllm; default: the method's main setting)")
+    g.add_argument("--suffix-window", type=int, default=None,
+                   help="suffix positions kept after the block, in tokens (streaming-dllm: 96; others: off)")
+    g.add_argument("--trailing", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the generation's last position with the window (default: on)")
+    g.add_argument("--dynamic-alpha", type=float, default=None,
+                   help="threshold tau0 * (1 - A * (1 - masked share)) (streaming-dllm: 0.3; others: 0)")
+    g.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=None,
+                   help="a finished block holding EOS ends the row, any method (streaming-dllm: on; others: off)")
+    g = p.add_argument_group("dyllm")
+    g.add_argument("--saliency-tau", type=float, default=d.saliency_tau,
+                   help=f"a row is salient when its attention context's cosine to the cache is below T (default {d.saliency_tau})")
+    g.add_argument("--full-steps", type=int, default=d.full_steps, help=f"dense forwards first (default {d.full_steps})")
+    g.add_argument("--prompt-period", type=int, default=d.prompt_period,
+                   help=f"query the prompt rows too every P forwards (default {d.prompt_period})")
     p.set_defaults(**defaults)
 
 

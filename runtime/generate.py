@@ -55,7 +55,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     stop_ids = stop_ids if stop_ids is not None else {args.eos_id}
     gen = torch.Generator(device=dev).manual_seed(cfg.seed if cfg.seed is not None else 0)
     policy = make_policy(cfg, args, L, trash=L, gen=gen)
-    cache = executor.new_cache(B * (2 if cfg.cfg_scale > 0 else 1), L, policy.hidden_layers)
+    cache = executor.new_cache(B * (2 if cfg.cfg_scale > 0 else 1), L, policy.hidden_layers,
+                               **({"saliency": True} if policy.saliency else {}))
     cache.set_layout(_pads(prompts, P, dev).repeat(2 if cfg.cfg_scale > 0 else 1))
     stats, t0, done = Stats(), time.perf_counter(), torch.zeros(B, dtype=torch.bool, device=dev)
     events = _Events(on_block, stream_steps, x, P, n_blocks, done, args.mask_id)
@@ -79,8 +80,10 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
                 bar.update(1)
             events.step(blk, (x.gather(1, c.cols) == args.mask_id).any(1) & ~done)
         step_cnt = (blk + 1) * spb  # refresh periods stay aligned to blocks when a block ends early (§1.4)
-        if cfg.stop_at_eos:  # early exit: a finished block holding a stop token ends its row
-            newly = _has_stop(x[:, P:P + (blk + 1) * bl], stop_ids) & ~done
+        # a finished block holding EOS ends its row (Streaming-dLLM; only where EOS stops a row: random-
+        # weight benchmarks pass no stop ids and count every token, so they must decode every token)
+        if cfg.resolved("early_exit") and args.eos_id in stop_ids:
+            newly = (x[:, P + blk * bl:P + (blk + 1) * bl] == args.eos_id).any(1) & ~done
             x[newly, P + (blk + 1) * bl:] = args.eos_id
             done |= newly
         events.block(blk, last=bool(done.all()) or blk == n_blocks - 1)
@@ -91,6 +94,7 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     stats.seconds = time.perf_counter() - t0
+    stats.extra["cache_bytes"] = cache.nbytes()
     out = x[:, P:]
     stats.generated_tokens = int(sum(_until_stop(r, stop_ids) for r in out.tolist()))
     return GenerateOutput(out, stats)
@@ -173,13 +177,6 @@ def _decided_prefix(region: Tensor, mask_id: int) -> Tensor:
     """[B, G] generation region -> [B] number of tokens before each row's first mask."""
     m = region == mask_id
     return torch.where(m.any(1), m.int().argmax(1), region.shape[1])
-
-
-def _has_stop(region: Tensor, stop_ids: set[int]) -> Tensor:
-    hit = torch.zeros(region.shape[0], dtype=torch.bool, device=region.device)
-    for t in stop_ids:
-        hit |= (region == t).any(1)
-    return hit
 
 
 def _until_stop(row: list[int], stop_ids: set[int]) -> int:

@@ -18,6 +18,42 @@ from .cache import Cache, StepPlan
 from .config import ModelArgs
 
 
+def _flat(t: Tensor) -> Tensor:
+    """[B, H, n, hd] -> [B, n, H * hd]."""
+    B, H, n, hd = t.shape
+    return t.transpose(1, 2).reshape(B, n, H * hd)
+
+
+def _salient_rows(salient: Tensor, rows: Tensor, padded: bool, trash: int) -> tuple[Tensor, Tensor]:
+    """The salient entries of each batch row, first and in order: gi [B, m] (indices into n; n where
+    padding) and their canvas slots [B, m] (the trash slot where padding). m = the most salient rows
+    of any entry, or n when padded (shapes known before the data)."""
+    B, n = salient.shape
+    m = n if padded else int(salient.sum(1).max())
+    slot = torch.where(salient, salient.long().cumsum(1) - 1, m)  # each salient row's place; others: m
+    gi = torch.full((B, m + 1), n, dtype=torch.long, device=rows.device)
+    gi = gi.scatter(1, slot, torch.arange(n, device=rows.device).expand(B, n))[:, :m]
+    return gi, torch.cat([rows, torch.full_like(rows[:, :1], trash)], 1).gather(1, gi)
+
+
+def _take(t: Tensor, gi: Tensor, dim: int = 1) -> Tensor:
+    """t's entries at gi along dim (gi [B, m] into t's n; gi == n reads zeros)."""
+    pad = torch.zeros_like(t.narrow(dim, 0, 1))
+    full = torch.cat([t, pad], dim)
+    shape = list(full.shape)
+    shape[dim] = gi.shape[1]
+    view = [gi.shape[0]] + [1] * (full.dim() - 1)
+    view[dim] = gi.shape[1]
+    return full.gather(dim, gi.view(view).expand(shape))
+
+
+def _put(t: Tensor, gi: Tensor, vals: Tensor) -> Tensor:
+    """t [B, n, d] with rows gi [B, m] replaced by vals [B, m, d] (gi == n: dropped)."""
+    full = torch.cat([t, t[:, :1]], 1)
+    full = full.scatter(1, gi[..., None].expand(-1, -1, t.shape[-1]), vals)
+    return full[:, :-1]
+
+
 def top2(x: Tensor) -> Tensor:
     """[B, n] -> [B, n] float 0/1: each row's two largest entries. Ties go to the lower index (the
     authors leave them to an unsorted topk); pairwise ranks keep it deterministic on every executor."""
@@ -70,20 +106,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, a.n_kv_heads * hd, bias=a.qkv_bias)
         self.wo = nn.Linear(a.n_heads * hd, a.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor,
+    def heads(self, w: nn.Linear, x: Tensor, n_heads: int, cos: Tensor, sin: Tensor | None) -> Tensor:
+        """x [B, n, dim] -> [B, heads, n, hd] through projection w (rotated when cos/sin are given)."""
+        B, n, _ = x.shape
+        t = w(x).view(B, n, n_heads, self.a.head_dim).transpose(1, 2)
+        return t if sin is None else apply_rope(t, cos, sin, self.a.rope_full_precision)
+
+    def context(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor,
                 k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, ops: OpBackend) -> Tensor:
-        """x: [B, n, dim]; rows: [B, n] canvas slots of x; caches [B, Hkv, L+1, hd] (updated in place)."""
-        a, (B, n, _) = self.a, x.shape
-        q = self.wq(x).view(B, n, a.n_heads, a.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin, a.rope_full_precision)
-        k = apply_rope(k, cos, sin, a.rope_full_precision)
+        """The attention output before wo, heads flattened: x [B, n, dim] -> [B, n, H * hd].
+        rows: [B, n] canvas slots of x; caches [B, Hkv, L+1, hd] (updated in place)."""
+        a = self.a
+        q = self.heads(self.wq, x, a.n_heads, cos, sin)
         # the rows' fresh K/V go into the cache first, so they override the stale ones: one write, no copy
-        k_cache = ops.cache_merge(k_cache, k, rows, 2)
-        v_cache = ops.cache_merge(v_cache, v, rows, 2)
-        out = ops.partial_attention(q, k_cache, v_cache, key_valid)
-        return self.wo(out.transpose(1, 2).reshape(B, n, a.n_heads * a.head_dim))
+        k_cache = ops.cache_merge(k_cache, self.heads(self.wk, x, a.n_kv_heads, cos, sin), rows, 2)
+        v_cache = ops.cache_merge(v_cache, self.heads(self.wv, x, a.n_kv_heads, cos, None), rows, 2)
+        return _flat(ops.partial_attention(q, k_cache, v_cache, key_valid))
 
 
 class FeedForward(nn.Module):
@@ -105,9 +143,60 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend):
-        x = x + self.attention(self.attention_norm(x), cos, sin, rows, k_cache, v_cache, key_valid, ops)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, dy=None):
+        """dy: (context cache, FFN cache) [B, L+1, *] to write the rows' values into (DyLLM's dense steps)."""
+        ctx = self.attention.context(self.attention_norm(x), cos, sin, rows, k_cache, v_cache, key_valid, ops)
+        x = x + self.attention.wo(ctx)
+        f = self.feed_forward(self.ffn_norm(x))
+        if dy is not None:
+            ops.cache_merge(dy[0], ctx, rows, 1)
+            ops.cache_merge(dy[1], f, rows, 1)
+        return x + f
+
+    def forward_salient(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, dy, salient,
+                        tau: float, padded: bool):
+        """DyLLM's sparse layer (algorithms.md §2; younjoo0614/DyLLM models/llada.py, attention.py,
+        line numbers theirs). Only the salient rows (salient [B, n] bool) recompute K/V; every row
+        attends: salient rows exactly, the others by the delta update C_old + softmax(q K^T) dV
+        (partial_attention over dV, which is zero outside the salient slots; attention_ops_kernels.cu
+        :309-474); a row is salient for this layer's FFN and the next layer's K/V iff the cosine of
+        its new context against the cached one is below tau (:492-538; everything for tau >= 1); the
+        other rows reuse their cached FFN output (mlp_cache_manage.py:15-40). The residual stream,
+        norms, q and wo run on every row (llada.py:174-188). dy: (context cache, FFN cache, dV scratch
+        or None); padded: gather all n rows, not just the salient ones (static shapes for export).
+        Returns (x, the salient rows of the next layer)."""
+        att, a = self.attention, self.attention.a
+        ctx_cache, ffn_cache, dv = dy
+        trash = ctx_cache.shape[1] - 1
+        h = self.attention_norm(x)
+        q = att.heads(att.wq, h, a.n_heads, cos, sin)
+        gi, grows = _salient_rows(salient, rows, padded, trash)
+        gh = _take(h, gi)
+        k = att.heads(att.wk, gh, a.n_kv_heads, _take(cos, gi, 2), _take(sin, gi, 2))
+        v = att.heads(att.wv, gh, a.n_kv_heads, cos, None)
+        gidx = grows[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1])
+        v_old = v_cache.gather(2, gidx)
+        k_cache = ops.cache_merge(k_cache, k, grows, 2)
+        v_cache = ops.cache_merge(v_cache, v, grows, 2)
+        dv = torch.zeros_like(v_cache) if dv is None else dv
+        dv = ops.cache_merge(dv, v - v_old, grows, 2)
+        delta = _flat(ops.partial_attention(q, k_cache, dv, key_valid))
+        dv = ops.cache_merge(dv, torch.zeros_like(v), grows, 2)  # clean for the next layer
+        exact = _flat(ops.partial_attention(_take(q, gi, 2), k_cache, v_cache, key_valid))
+        c_old = ctx_cache.gather(1, rows[..., None].expand(-1, -1, delta.shape[-1]))
+        c_new = _put(c_old + delta, gi, exact)
+        # saliency test over all heads, fp32, squared norms clamped at 1e-8 (attention_ops_kernels.cu:28-47)
+        cf, of = c_new.float(), c_old.float()
+        cos_sim = (cf * of).sum(-1) / ((cf * cf).sum(-1).clamp_min(1e-8).sqrt() * (of * of).sum(-1).clamp_min(1e-8).sqrt())
+        real = rows != trash
+        salient = real & (cos_sim < tau) if tau < 1 else real
+        ops.cache_merge(ctx_cache, c_new, rows, 1)
+        x = x + att.wo(c_new)
+        gi, grows = _salient_rows(salient, rows, padded, trash)
+        f_new = self.feed_forward(self.ffn_norm(_take(x, gi)))
+        f_old = ffn_cache.gather(1, rows[..., None].expand(-1, -1, f_new.shape[-1]))
+        ops.cache_merge(ffn_cache, f_new, grows, 1)
+        return x + _put(f_old, gi, f_new), salient
 
 
 class Transformer(nn.Module):
@@ -129,8 +218,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
-    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = ()) -> Cache:
-        return Cache(self.args, batch, length, self.dtype, self.device, hidden_layers)
+    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = (), saliency: bool = False) -> Cache:
+        return Cache(self.args, batch, length, self.dtype, self.device, hidden_layers, saliency)
 
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None,
              ops: OpBackend | None = None) -> tuple[Tensor, Tensor]:
@@ -147,8 +236,15 @@ class Transformer(nn.Module):
         pos = cache.positions.gather(1, rows)
         cos, sin = rope_cos_sin(pos, self.args.head_dim, self.args.rope_theta)
         trash_col = torch.full_like(rows[:, :1], cache.trash)
+        key_valid = plan.keys(cache)
+        salient = plan.salient
         for l, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, rows, cache.k[l], cache.v[l], cache.key_valid, ops)
+            args = (h, cos, sin, rows, cache.k[l], cache.v[l], key_valid, ops)
+            if salient is not None:
+                h, salient = layer.forward_salient(*args, (cache.ctx[l], cache.ffn[l], cache.dv), salient,
+                                                   plan.tau, plan.padded)
+            else:
+                h = layer(*args, dy=(cache.ctx[l], cache.ffn[l]) if plan.write_context else None)
             keep = plan.keep.get(l)
             if keep is not None:
                 prev = cache.hidden[l].gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))

@@ -34,10 +34,39 @@ def _span(B: int, lo: int, hi: int, device) -> Tensor:
     return torch.arange(lo, hi, device=device).expand(B, hi - lo)
 
 
-def _from(start: Tensor, n: int, limit: int, active: Tensor, trash: int) -> Tensor:
-    """[B, n] canvas rows start[b] .. start[b] + n - 1; rows at or past `limit` and rows of idle
-    entries are the trash slot."""
+class SuffixWindow:
+    """Streaming-dLLM's attenuation-guided suffix pruning (their LLaDA-1.5/sampler.py:4-20): of the
+    positions after a row's block keep the first w and, with `trailing`, the generation's last one
+    (true RoPE positions, so the model still sees the target length); a suffix of at most w positions
+    is kept whole, with no extra tail."""
+
+    def __init__(self, w: int, trailing: bool, gen_end: int, trash: int):
+        self.w, self.trailing, self.gen_end, self.trash = w, trailing, gen_end, trash
+
+    def rows(self, e: Tensor, e_min: int) -> Tensor:
+        """[B, n] kept suffix slots after block ends e [B] (trash where there is nothing); n is what
+        the row with the earliest block end (e_min, on the host) keeps."""
+        n_near = max(0, min(self.w, self.gen_end - e_min))
+        near = e[:, None] + torch.arange(n_near, device=e.device)
+        near = torch.where(near < self.gen_end, near, self.trash)
+        if not (self.trailing and self.gen_end - e_min > self.w):
+            return near
+        tail = torch.where(self.gen_end - e > self.w, self.gen_end - 1, self.trash)[:, None]
+        return torch.cat([near, tail], 1)
+
+    def key_mask(self, e: Tensor, e_min: int, L: int) -> Tensor:
+        """[B, L + 1] bool: the prefix and block (< e) and the kept suffix; the rest is not a key."""
+        mask = torch.arange(L + 1, device=e.device)[None, :] < e[:, None]
+        mask = mask.scatter(1, self.rows(e, e_min), True)
+        mask[:, self.trash] = False
+        return mask
+
+
+def _from(start: Tensor, n: int, limit, active: Tensor, trash: int) -> Tensor:
+    """[B, n] canvas rows start[b] .. start[b] + n - 1; rows at or past `limit` (an int or [B]) and
+    rows of idle entries are the trash slot."""
     idx = start[:, None] + torch.arange(n, device=start.device)
+    limit = limit[:, None] if isinstance(limit, Tensor) else limit
     return torch.where((idx < limit) & active[:, None], idx, trash)
 
 
@@ -45,14 +74,18 @@ class Vanilla:
     """Every step runs the whole canvas; only the block's predicting rows reach the head."""
 
     hidden_layers: tuple[int, ...] = ()
+    saliency = False  # the cache holds DyLLM's context and FFN caches
 
     def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
         self.cfg, self.args, self.L, self.trash, self.gen = cfg, args, L, trash, gen
         self.sh = args.logits_shift
         self.sampler = cfg.sampler or ("llada" if args.family == "llada" else "dream")
         self.steps = cfg.n_steps // (cfg.gen_length // cfg.block_length)  # steps per block
-        self.rule = S.make_rule(cfg, self.sampler, gen)
+        self.rule = S.make_rule(cfg.replace(threshold=cfg.resolved("threshold")), self.sampler, gen)
         self.quota = None  # [B, steps] LLaDA's tokens per step of each row's current block
+        w = cfg.resolved("suffix_window")
+        self.window = SuffixWindow(w, cfg.trailing, L, trash) if w is not None else None
+        self.tau0, self.dyn_alpha = cfg.resolved("threshold"), cfg.resolved("dynamic_alpha")
 
     # --- planning ---------------------------------------------------------------------------
 
@@ -61,9 +94,23 @@ class Vanilla:
         return "full"
 
     def full(self, c: StepContext) -> tuple[Tensor, StepPlan]:
+        """The whole canvas; with a suffix window the prefix, the block and the kept suffix only."""
         B, dev = c.x.shape[0], c.x.device
-        idx = _from(torch.zeros(B, dtype=torch.long, device=dev), self.L, self.L, c.active, self.trash)
-        return idx, StepPlan(head=(c.s - self.sh)[:, None] + torch.arange(c.bl, device=dev))
+        head = (c.s - self.sh)[:, None] + torch.arange(c.bl, device=dev)
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        if self.window is None:
+            return _from(zero, self.L, self.L, c.active, self.trash), StepPlan(head=head)
+        e = c.s + c.bl
+        idx = self.with_suffix(c, _from(zero, max(c.s_host) + c.bl, e, c.active, self.trash))
+        return idx, StepPlan(head=head, key_mask=self.keys(c))
+
+    def with_suffix(self, c: StepContext, idx: Tensor) -> Tensor:
+        """idx [B, n] followed by the window's kept suffix rows (trash for idle rows)."""
+        kept = self.window.rows(c.s + c.bl, min(c.s_host) + c.bl)
+        return torch.cat([idx, torch.where(c.active[:, None], kept, self.trash)], 1)
+
+    def keys(self, c: StepContext) -> Tensor | None:
+        return None if self.window is None else self.window.key_mask(c.s + c.bl, min(c.s_host) + c.bl, self.L)
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         return self.full(c)
@@ -92,10 +139,31 @@ class Vanilla:
         masked = block == self.args.mask_id
         cand = masked & torch.isfinite(C) & c.active[:, None]
         C = torch.where(cand, C, S.NEG)
-        chosen = self.rule(C, cand, masked, c.step, self.quota)
+        chosen = self.choose(c, C, cand, masked)
         c.x.scatter_(1, c.cols, torch.where(chosen, X0, block))
         self.update(c, pred, conf, delayed, chosen)
         return chosen
+
+    def choose(self, c: StepContext, C: Tensor, cand: Tensor, masked: Tensor) -> Tensor:
+        """The commit rule; with dynamic_alpha Streaming-dLLM's threshold tau0 (1 - alpha (1 - r)), r
+        the masked share of the query region (block + kept suffix) before this step's commit, tau0 at
+        a block's first step (their generate.py:121-127, 146-149, 164-172)."""
+        if not self.dyn_alpha:
+            return self.rule(C, cand, masked, c.step, self.quota)
+        tau = self.tau0 * (1 - self.dyn_alpha * (1 - self.masked_share(c)))
+        return S.select_threshold(C, torch.where(c.step == 0, self.tau0, tau)[:, None])
+
+    def masked_share(self, c: StepContext) -> Tensor:
+        """[B] float64: masked share of each row's block and kept (or whole remaining) suffix."""
+        region = c.cols
+        if self.window is not None:
+            region = torch.cat([region, self.window.rows(c.s + c.bl, min(c.s_host) + c.bl)], 1)
+        else:
+            region = torch.cat([region, _from(c.s + c.bl, self.L - min(c.s_host) - c.bl, self.L, c.active,
+                                              self.trash)], 1)
+        real = region != self.trash
+        m = (torch.cat([c.x, c.x[:, :1]], 1).gather(1, region) == self.args.mask_id) & real
+        return m.sum(1).double() / real.sum(1).clamp_min(1)
 
     def delayed(self, c: StepContext, pred: Tensor, x0: Tensor) -> Tensor | None:
         """[B, m] bool: head rows whose proposal is held back this step (confidence 0), or None."""
@@ -114,14 +182,44 @@ class FastDLLM(Vanilla):
         full = self.cfg.cache == "none" or step == 0 or (every and step % every == 0)
         return "full" if full else self.cfg.cache
 
+    start_shift = True  # later steps forward from s - shift (Dream's row s - 1 predicts s)
+
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         if c.phase == "full":
             return self.full(c)
-        B, sh, dev = c.x.shape[0], self.sh, c.x.device
-        # dual: the block (from s - shift); prefix: the block and the whole suffix
-        n = c.bl + sh if c.phase == "dual" else self.L - min(c.s_host) + sh
-        idx = _from(c.s - sh, n, self.L, c.active, self.trash)
-        return idx, StepPlan(head=_span(B, 0, c.bl, dev))
+        B, dev = c.x.shape[0], c.x.device
+        sh = self.sh if self.start_shift else 0
+        # dual: the block (from s - shift); prefix: the block and the suffix (the kept suffix, windowed)
+        if c.phase == "dual" or self.window is not None:
+            idx = _from(c.s - sh, c.bl + sh, self.L, c.active, self.trash)
+            if c.phase == "prefix":
+                idx = self.with_suffix(c, idx)
+        else:
+            idx = _from(c.s - sh, self.L - min(c.s_host) + sh, self.L, c.active, self.trash)
+        return idx, StepPlan(head=_span(B, 0, c.bl, dev), key_mask=self.keys(c))
+
+
+class StreamingDLLM(FastDLLM):
+    """Streaming-dLLM (arXiv 2601.17917; xiaoshideta/Streaming-dLLM, line numbers theirs): the prefix
+    cache with the suffix pruned to a window and the trailing position (SuffixWindow), the dynamic
+    threshold (Vanilla.choose) and early exit (the loop), defaults from its main setting
+    (config.STREAMING_DEFAULTS). As their code: later steps query [s, e) + the kept suffix, not from
+    s - shift (LLaDA-1.5/generate.py:139-150), so on Dream the block's first step commits exactly its
+    first token, unconditionally (Dream/model/generation_utils_block.py:473-475): nothing later can
+    predict it."""
+
+    start_shift = False
+
+    def phase(self, step: int, step_cnt: int) -> str:
+        return "full" if step == 0 else "prefix"
+
+    def choose(self, c: StepContext, C: Tensor, cand: Tensor, masked: Tensor) -> Tensor:
+        chosen = super().choose(c, C, cand, masked)
+        if self.sh:  # Dream: the first step takes the block's first token alone
+            first = torch.zeros_like(chosen)
+            first[:, 0] = cand[:, 0]
+            chosen = torch.where((c.step == 0)[:, None], first, chosen)
+        return chosen
 
 
 def prune_schedule(cfg: DecodeConfig, n_layers: int) -> dict[int, float]:
@@ -157,6 +255,7 @@ class ESDLLM(Vanilla):
     def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
         super().__init__(cfg, args, L, trash, gen)
         self.rule = S.make_rule(cfg, "llada", gen)  # the authors' count: steps split evenly, any family
+        # (es-dllm's threshold, if any, is cfg.threshold: resolved() changes nothing for it)
         self.schedule = prune_schedule(cfg, args.n_layers)
         self.hidden_layers = tuple(sorted(self.schedule))
         # the refresh rows of positions p are p - row_shift: predicting rows (authors) or token rows
@@ -202,12 +301,16 @@ class ESDLLM(Vanilla):
         n = int((end - lo).max())
         idx = (end - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's end
         idx = torch.where((idx >= lo[:, None]) & c.active[:, None], idx, self.trash)
+        if self.window is not None and span != "block":  # block starts recompute the kept suffix
+            idx = self.with_suffix(c, idx)
         tail = sh - self.row_shift  # forwarded rows past the last predicting one
-        head = StepPlan(head=_span(B, n - c.bl - tail, n - tail, dev), write_hidden=True, alpha=cfg.alpha)
+        head = StepPlan(head=_span(B, n - c.bl - tail, n - tail, dev), write_hidden=True, alpha=cfg.alpha,
+                        key_mask=self.keys(c))
         if not skip:
             return idx, head
         n_fwd = (idx != self.trash).sum(1)
         floor_k = torch.clamp(self.n_last + 2, max=c.bl)
+        n = idx.shape[1]
         keep, alive = {}, n
         for layer, p in sorted(self.schedule.items()):
             k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)  # :462
@@ -219,7 +322,7 @@ class ESDLLM(Vanilla):
         if not keep:
             return idx, head
         plan = StepPlan(keep=keep, write_hidden=True, alpha=cfg.alpha, confidence=self.conf,
-                        bonus=self._bonus(c), top2=top2_bonus(cfg.alpha))
+                        bonus=self._bonus(c), top2=top2_bonus(cfg.alpha), key_mask=self.keys(c))
         return idx, plan
 
     def _bonus(self, c: StepContext) -> Tensor:
@@ -266,7 +369,54 @@ class ESDLLM(Vanilla):
         self.leftmost = torch.where(a, torch.where(chosen, committed_rows, L).min(1).values, self.leftmost)
 
 
-POLICIES = {"vanilla": Vanilla, "fast-dllm": FastDLLM, "es-dllm": ESDLLM}
+class DyLLM(Vanilla):
+    """DyLLM (arXiv 2603.08026; younjoo0614/DyLLM, line numbers theirs): the first full_steps forwards
+    of a request are dense and fill the K/V, context and FFN caches (engine/scheduler.py:43-54);
+    afterwards every forward is sparse: starting from the rows committed last step, each layer
+    recomputes K/V and FFN only for its salient rows (Block.forward_salient). The query rows are the
+    response (from the last prompt row on Dream, which predicts the first answer token) except on
+    forwards whose number is <= prompt_period or a multiple of it, which query the whole canvas
+    (model_runner.py:179-192; their period is 4). Both families commit one token a step (the constant
+    k = max_new_tokens // steps, sequence.py:68-71). Nothing is reset at block boundaries."""
+
+    saliency = True
+
+    def __init__(self, cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):
+        super().__init__(cfg, args, L, trash, gen)
+        self.rule = S.make_rule(cfg, "llada", gen)
+        self.last = None  # [B, L + 1] bool: slots of last step's tokens (their inputs changed)
+
+    def phase(self, step: int, step_cnt: int) -> str:
+        f, cfg = step_cnt + 1, self.cfg  # the forward's number in the request
+        if f <= cfg.full_steps:
+            return "full"
+        return "whole" if f <= cfg.prompt_period or f % cfg.prompt_period == 0 else "response"
+
+    def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
+        if self.last is None:
+            self.last = torch.zeros(c.x.shape[0], self.L + 1, dtype=torch.bool, device=c.x.device)
+        idx, plan = self.full(c)
+        if c.phase == "full":
+            plan.write_context = True
+            return idx, plan
+        if c.phase == "response":
+            start = c.gen_start - self.sh
+            idx = _from(torch.full_like(c.s, start), self.L - start, self.L, c.active, self.trash)
+            plan.head = plan.head - start
+        # tau >= 1 declares every row salient: nothing is reused, the exact limit of the method
+        changed = self.last.gather(1, idx) if self.cfg.saliency_tau < 1 else torch.ones_like(idx, dtype=torch.bool)
+        plan.salient = changed & (idx != self.trash)
+        plan.tau = self.cfg.saliency_tau
+        return idx, plan
+
+    def update(self, c: StepContext, pred: Tensor, conf: Tensor, delayed: Tensor | None, chosen: Tensor) -> None:
+        a = c.active
+        self.last[a] = False
+        self.last.scatter_(1, c.cols, self.last.gather(1, c.cols) | (chosen & a[:, None]))
+
+
+POLICIES = {"vanilla": Vanilla, "fast-dllm": FastDLLM, "es-dllm": ESDLLM, "streaming-dllm": StreamingDLLM,
+            "dyllm": DyLLM}
 
 
 def make_policy(cfg: DecodeConfig, args: ModelArgs, L: int, trash: int, gen: torch.Generator):

@@ -58,6 +58,13 @@ INPUTS = (
     Input("cache", "STRING", "cache"),
     Input("skip_proportions", "FP32", "skip_proportions", vector=True),
     Input("skip_positions", "FP32", "skip_positions", vector=True),
+    Input("suffix_window", "INT32", "suffix_window"),
+    Input("trailing", "BOOL", "trailing"),
+    Input("dynamic_alpha", "FP32", "dynamic_alpha"),
+    Input("early_exit", "BOOL", "early_exit"),
+    Input("saliency_tau", "FP32", "saliency_tau"),
+    Input("full_steps", "INT32", "full_steps"),
+    Input("prompt_period", "INT32", "prompt_period"),
 )
 BY_NAME = {i.name: i for i in INPUTS}
 INPUT_NAMES = tuple(BY_NAME)

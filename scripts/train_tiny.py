@@ -288,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
               "chat_frac", "val_every", "ckpt_every"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     p.add_argument("--n-kv-heads", type=int, default=None)
+    p.add_argument("--task-families", type=lambda v: tuple(v.split(",")), default=d.task_families,
+                   help=f"comma list of task families to train on (default: {','.join(d.task_families)})")
+    p.add_argument("--family-weights", type=lambda v: tuple(float(x) for x in v.split(",")),
+                   default=d.family_weights, help="their shares of the batches (default: equal)")
+    p.add_argument("--gen-lengths", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.gen_lengths,
+                   help="response lengths of short-answer batches, drawn uniformly")
     p.add_argument("--tail-mask", type=float, default=d.tail_mask)
     p.add_argument("--init-from", default=None, help="checkpoint dir to start from (same shape)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

@@ -48,8 +48,8 @@ class Spy:
     def __init__(self, model):
         self.m, self.args, self.device, self.calls = model, model.args, model.device, []
 
-    def new_cache(self, *a):
-        return self.m.new_cache(*a)
+    def new_cache(self, *a, **kw):
+        return self.m.new_cache(*a, **kw)
 
     def step(self, tokens, idx, cache, plan):
         logits, pred = self.m.step(tokens, idx, cache, plan)

@@ -49,7 +49,7 @@ def cli_result(tmp_path_factory):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = main(["eval", "--model", str(MODEL), "--n", "8", "--batch-size", "8", "--json", "--plot", str(png),
-                   "--families", "maps"])
+                   "--families", "maps", "--methods", "vanilla,fast-dllm-dual-t0.9,es-dllm-t0.9"])
     assert rc == 0
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 1, "--json prints exactly one line"

@@ -310,7 +310,7 @@ def test_tensorrt_rtx_parses_and_builds_the_exported_graphs(tiny_export, tmp_pat
     paths = {name: spec.variant_file(name) for name in spec.variants}
     t0 = time.perf_counter()
     built = engine.build_engines(paths, CFG, "tensorrt-rtx", tmp_path, len(spec.prune_layers), progress=False)
-    assert set(built) == set(spec.variants) == {"dense", "dense_hidden", "skip"}
+    assert set(built) == set(spec.variants) == {"dense", "dense_hidden", "skip", "dense_context", "saliency"}
     for name, path in built.items():
         assert path.name == f"{name}.rtx.plan" and path.stat().st_size > 10_000
     assert time.perf_counter() - t0 < 60
