@@ -27,20 +27,21 @@ def _names(s: str) -> tuple[str, ...]:
 def register(subparsers) -> argparse.ArgumentParser:
     d = BuildConfig()
     p = subparsers.add_parser("build", help="compile a checkpoint into ONNX graphs (+ TensorRT engines)",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0],
+                              epilog="example: esdllm build --model models/llada-tiny --out artifacts/llada-tiny")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
     p.add_argument("--out", required=True, help="artifacts dir to write (ONNX files, weights.bin, engine.json)")
-    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
-    p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS, help=f"onnx graphs only, or TensorRT engines too (default {d.backend})")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=f"graph dtype (default {d.dtype})")
     g = p.add_argument_group("profile (every request must fit)")
-    g.add_argument("--max-batch", type=int, default=d.max_batch)
-    g.add_argument("--max-prompt", type=int, default=d.max_prompt)
-    g.add_argument("--gen-length", type=int, default=d.gen_length)
-    g.add_argument("--block-length", type=int, default=d.block_length)
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"largest batch the profile serves (default {d.max_batch})")
+    g.add_argument("--max-prompt", type=int, default=d.max_prompt, help=f"longest prompt in tokens (default {d.max_prompt})")
+    g.add_argument("--gen-length", type=int, default=d.gen_length, help=f"longest generation (default {d.gen_length})")
+    g.add_argument("--block-length", type=int, default=d.block_length, help=f"block size (default {d.block_length})")
     g = p.add_argument_group("graphs")
     g.add_argument("--variants", type=_names, default=d.variants, help=f"comma list of {','.join(VARIANTS)}")
-    g.add_argument("--skip-proportions", type=_floats, default=d.skip_proportions)
-    g.add_argument("--skip-positions", type=_floats, default=d.skip_positions)
+    g.add_argument("--skip-proportions", type=_floats, default=d.skip_proportions, help="es-dllm schedule baked into the skip graph (default: the paper's)")
+    g.add_argument("--skip-positions", type=_floats, default=d.skip_positions, help="its prune positions, fractions of depth (default: the paper's)")
     g.add_argument("--prune-layers", type=_ints, default=None,
                    help="comma list of prune layers (default: where the skip schedule prunes)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="ES-dLLM importance weight baked into the skip graph")
@@ -67,7 +68,7 @@ def _run(ns: argparse.Namespace) -> int:
     else:
         model_dir = Path(ns.model)
     try:
-        spec = build_artifacts(model_dir, ns.out, cfg, progress=not ns.quiet)
+        spec = build_artifacts(model_dir, ns.out, cfg, progress=not ns.quiet and sys.stderr.isatty())  # no bars in logs
     except ImportError as e:  # a backend's package is missing: say which, no traceback
         print(f"esdllm build: {e}", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ class _GraphCache:
 
     @property
     def trash(self):
-        return self.key_valid.shape[1] - 1
+        return self.positions.shape[1] - 1
 
 
 class StepGraph(nn.Module):
@@ -117,11 +117,13 @@ class StepGraph(nn.Module):
         if self.variant == "skip":
             keep = {l: x[contract.keep_name(i)] for i, l in enumerate(self.prune_layers)}
             plan = StepPlan(keep=keep, write_hidden=True, confidence=x["confidence"], bonus=x["bonus"],
-                            alpha=self.alpha, top2=top2_bonus(self.alpha))
+                            alpha=self.alpha, top2=top2_bonus(self.alpha), key_slots=x["key_slots"])
         elif self.variant == "saliency":  # every row computed, the salient ones kept: static shapes
-            plan = StepPlan(head=x["head"], salient=x["salient"], tau=self.saliency_tau, padded=True)
+            plan = StepPlan(head=x["head"], salient=x["salient"], tau=self.saliency_tau, padded=True,
+                            key_slots=x["key_slots"])
         else:
-            plan = StepPlan(head=x["head"], write_hidden=bool(hidden), write_context=bool(ctx))
+            plan = StepPlan(head=x["head"], write_hidden=bool(hidden), write_context=bool(ctx),
+                            key_slots=x["key_slots"])
         logits, pred = self.model.step(x["tokens"], x["idx"], cache, plan, ops=EXPORT_OPS)
         return (logits, pred, *cache.k, *cache.v, *(ctx[l] for l in sorted(ctx)), *(ffn[l] for l in sorted(ffn)),
                 *(hidden[l] for l in sorted(hidden)))
@@ -142,6 +144,7 @@ def example_inputs(graph: StepGraph, dtype: str, batch: int = 2) -> tuple[Tensor
         "tokens": torch.randint(0, a.vocab_size, (batch, n), generator=g), "idx": idx,
         "positions": torch.arange(S).expand(batch, S).clone(),
         "key_valid": torch.arange(S).expand(batch, S) < L,
+        "key_slots": torch.cat([torch.arange(L - 2), torch.tensor([L - 1, L])]).expand(batch, L).clone(),
         "head": torch.arange(1, n - 1).expand(batch, n - 2).clone(),
         "confidence": torch.rand(batch, S, generator=g), "bonus": torch.zeros(batch, S),
         "salient": torch.arange(n).expand(batch, n) % 3 == 0,

@@ -243,13 +243,13 @@ class EngineSpec:
 
 def profile_dims(cfg: BuildConfig, n_prune: int = 0) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every named dynamic axis of the step graphs (runtime/contract.py): batch,
-    rows, slots (a canvas has one extra, trash, slot), out (head rows) and keep_i (rows kept at the
-    i-th prune layer)."""
+    rows, slots (a canvas has one extra, trash, slot), keys (slots attended to), out (head rows) and
+    keep_i (rows kept at the i-th prune layer)."""
     canvas = cfg.max_canvas + 1
     opt_rows = min(cfg.block_length, canvas)
     opt_slots = min(canvas, cfg.max_prompt // 2 + cfg.gen_length + 1)
     dims = {"batch": (1, max(1, cfg.max_batch // 2), cfg.max_batch), "rows": (1, opt_rows, canvas),
-            "slots": (2, opt_slots, canvas), "out": (1, opt_rows, canvas)}
+            "slots": (2, opt_slots, canvas), "keys": (1, opt_slots, canvas), "out": (1, opt_rows, canvas)}
     for i in range(n_prune):
         dims[f"keep_{i}"] = (1, max(1, opt_rows // 2 ** (i + 1)), canvas)
     return dims

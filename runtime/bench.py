@@ -236,23 +236,26 @@ def _cmd(ns) -> int:
         out = run_bench_checkpoint(ns.model or default_model(), methods, ns.device, ns.dtype, batch=ns.batch or 8,
                                    gen=ns.gen_length or 64, block=ns.block_length or 32, rounds=ns.rounds or 2,
                                    progress=sys.stderr.isatty())
-    print_table(out)
+    if not ns.json:  # people get the table; the JSON line ends every run (--json: only it)
+        print_table(out)
     print(json.dumps(out))
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="methods side by side on a checkpoint or a preset shape (table + JSON line)")
+    p = sub.add_parser("bench", help="methods side by side on a checkpoint or a preset shape (table + JSON line)",
+                       epilog="example: esdllm bench --preset cpu-long --threads 1")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="random weights at this shape instead")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model")
     p.add_argument("--methods", default=None, help="comma list of decode presets (config.DECODE_PRESETS) or "
                    f"{REFERENCE} (default: {','.join(METHODS)}; cpu-long: {','.join(LONG_METHODS)})")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line (no table)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default: the preset's, 2 with --model)")
+    p.add_argument("--batch", type=int, default=None, help="prompts per generate call (default: the preset's, 8 with --model)")
     p.add_argument("--prompt-length", type=int, default=None, help="with --preset")
-    p.add_argument("--gen-length", type=int, default=None)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: the preset's, 64 with --model)")
+    p.add_argument("--block-length", type=int, default=None, help="block size (default: the preset's, 32 with --model)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_cmd)

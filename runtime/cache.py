@@ -75,8 +75,8 @@ class StepPlan:
     write_hidden: store the surviving rows' hidden states at the prune layers (ES-dLLM).
     confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
     top2: added at each prune layer to the two most confident rows alive there (ES-dLLM).
-    key_mask: [B, L + 1] bool, the slots this forward may attend to, on top of the cache's key_valid
-        (Streaming-dLLM's pruned suffix); None: every valid slot.
+    key_slots: [B, nk] int64, the cache slots this forward attends to, in canvas order (the trash slot
+        pads; Streaming-dLLM's pruned suffix is left out); None: every slot.
     write_context: store every row's attention context and FFN output (DyLLM's dense steps).
     salient: [B, n] bool, DyLLM's sparse step: the rows whose input changed since their caches were
         written (the tokens committed last step); tau: the saliency threshold; padded: static shapes.
@@ -89,15 +89,15 @@ class StepPlan:
     bonus: Tensor | None = None
     alpha: float = 0.5
     top2: float = 0.0
-    key_mask: Tensor | None = None
+    key_slots: Tensor | None = None
     write_context: bool = False
     salient: Tensor | None = None
     tau: float = 0.99
     padded: bool = False
 
     def keys(self, cache: "Cache") -> Tensor:
-        """[B, L + 1] bool: the key slots this forward attends to."""
-        return cache.key_valid if self.key_mask is None else cache.key_valid & self.key_mask
+        """[B, nk] bool: which of the key slots (key_slots, or all L + 1) are real keys."""
+        return cache.key_valid if self.key_slots is None else cache.key_valid.gather(1, self.key_slots)
 
     def rows_per_layer(self, n: int, n_layers: int) -> float:
         """Rows processed per layer, averaged over layers (the dense compute of one forward of n rows)."""

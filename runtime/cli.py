@@ -1,6 +1,6 @@
 """`esdllm` command line: the only place with argparse. Each flag maps 1:1 onto a dataclass field.
 
-Subcommands: generate, bench (here); eval, build, serve, client, bench-serve (registered by their
+Subcommands: generate, bench (here); eval, build, serve, client, bench-serve, soak (registered by their
 modules, imported only when the command line is built so a missing optional extra names itself).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .flags import add_decode_args, add_model_args, decode_config
 
 # subcommand modules with a `register(subparsers)` function
 _MODULES = ("esdllm.runtime.bench", "esdllm.runtime.evaluate", "esdllm.build.cli",
-            "esdllm.runtime.serve", "esdllm.runtime.client")
+            "esdllm.runtime.serve", "esdllm.runtime.client", "esdllm.runtime.soak")
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -39,7 +39,8 @@ def _generate(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="esdllm", description="Serve diffusion LLMs fast (ES-dLLM, Fast-dLLM).")
     sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="decode text from a prompt")
+    g = sub.add_parser("generate", help="decode text from a prompt", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog='example: esdllm generate --prompt "rot13: abcdef ->" --method es-dllm --threshold 0.9')
     add_model_args(g)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")

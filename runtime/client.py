@@ -57,24 +57,30 @@ def make_inputs(values: dict):
 
 
 def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, timeout: float = 300.0,
-            cancel_after: int | None = None) -> Reply:
+            cancel_after: int | None = None, headers: dict | None = None) -> Reply:
     """Send one request over a fresh gRPC stream and collect its responses until the final one.
-    on_text(chunk) sees every text_output as it arrives. cancel_after=k: hang up after k responses."""
+    on_text(chunk) sees every text_output as it arrives. cancel_after=k: hang up after k responses.
+    timeout bounds the whole request: at the deadline the stream is cancelled (the server stops
+    decoding it) and the reply carries the error."""
     import tritonclient.grpc as grpcclient
     q: queue.Queue = queue.Queue()
     reply, t0 = Reply(), time.perf_counter()
+    deadline = time.monotonic() + timeout
     client = grpcclient.InferenceServerClient(url)
+    cancel = False
     try:
-        client.start_stream(callback=lambda result, error: q.put((result, error)))
+        client.start_stream(callback=lambda result, error: q.put((result, error)), headers=headers)
         client.async_stream_infer(model, make_inputs(inputs), enable_empty_final_response=True)
         while True:
             try:
-                result, error = q.get(timeout=timeout)
+                result, error = q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                reply.error = f"no response within {timeout} s"
+                reply.error, cancel = f"no final response within {timeout} s (cancelled)", True
                 break
             if error is not None:
                 reply.error = str(error)
+                if "Exceeds maximum queue size" in reply.error:  # Triton's words for a full queue
+                    reply.error = f"server busy, try again later: {reply.error}"
                 break
             resp = result.get_response()
             names = {o.name for o in resp.outputs}
@@ -88,11 +94,12 @@ def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, ti
             if resp.parameters["triton_final_response"].bool_param:
                 break
             if cancel_after is not None and len(reply.chunks) >= cancel_after:
-                reply.error = "cancelled by the client"
-                client.stop_stream(cancel_requests=True)
+                reply.error, cancel = "cancelled by the client", True
                 break
     finally:
-        client.stop_stream()
+        # a plain stop_stream() waits for every pending request: after an error or a deadline that
+        # could be forever (a dead stub never answers), so those cancel
+        client.stop_stream(cancel_requests=cancel or reply.error is not None)
         client.close()
     reply.text, reply.seconds = "".join(reply.chunks), time.perf_counter() - t0
     return reply
@@ -190,27 +197,29 @@ def _bench(ns) -> int:
             ("requests/s", r["requests_per_second"]), ("tokens/s", r["tokens_per_second"]),
             ("p50 latency (s)", r["p50_latency_s"]), ("p99 latency (s)", r["p99_latency_s"]),
             ("largest batch seen", r["max_batch_seen"]), ("wall (s)", r["wall_seconds"])]
-    for k, v in rows:
-        print(f"{k:<22}{v}")
-    if r["first_error"]:
-        print(f"first error: {r['first_error']}")
+    if not ns.json:  # people get the table; the JSON line ends every run (--json: only it)
+        for k, v in rows:
+            print(f"{k:<22}{v}")
+        if r["first_error"]:
+            print(f"first error: {r['first_error']}")
     print(json.dumps(r))
     return 0 if r["errors"] == 0 and r["identical_to_alone"] else 1
 
 
 def _common(p) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of the server")
-    p.add_argument("--model-name", default=MODEL_NAME)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each response")
+    p.add_argument("--model-name", default=MODEL_NAME, help=f"served model name (default {MODEL_NAME})")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may take in all; at the deadline it is cancelled")
     p.add_argument("--stream", action="store_true", help="stream one response per decided block")
     p.add_argument("--max-tokens", type=int, default=None, help="gen length (default: the server's)")
-    p.add_argument("--method", default=None, choices=METHODS)
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--random-seed", type=int, default=None)
-    p.add_argument("--cache", default=None, choices=CACHES)
+    p.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: the server's)")
+    p.add_argument("--block-length", type=int, default=None, help="block size (default: the server's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the server's)")
+    p.add_argument("--threshold", type=float, default=None, help="parallel-decoding confidence threshold (default: the server's)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
+    p.add_argument("--random-seed", type=int, default=None, help="sampling seed (default: the server's)")
+    p.add_argument("--cache", default=None, choices=CACHES, help="fast-dllm cache (default: the server's)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--suffix-window", type=int, default=None, help="streaming: suffix positions kept (default: the server's)")
     p.add_argument("--dynamic-alpha", type=float, default=None, help="streaming: dynamic threshold alpha")
@@ -220,13 +229,16 @@ def _common(p) -> None:
 
 def register(subparsers) -> None:
     """Adds `esdllm client` and `esdllm bench-serve`."""
-    c = subparsers.add_parser("client", help="query a running `esdllm serve` over gRPC")
+    c = subparsers.add_parser("client", help="query a running `esdllm serve` over gRPC",
+                              epilog='example: esdllm client --stream --method es-dllm --threshold 0.9 "rot13: abcdef ->"')
     c.add_argument("text", help="the prompt")
     c.add_argument("--json", action="store_true", help="print one JSON line with text, stats and chunks")
     _common(c)
     c.set_defaults(func=_client)
-    b = subparsers.add_parser("bench-serve", help="load-test a running server; checks results against alone")
-    b.add_argument("--concurrency", type=int, default=16)
-    b.add_argument("--requests", type=int, default=64)
+    b = subparsers.add_parser("bench-serve", help="load-test a running server; checks results against alone",
+                              epilog="example: esdllm bench-serve --concurrency 8 --requests 64 --threshold 0.9")
+    b.add_argument("--concurrency", type=int, default=16, help="client threads (default 16)")
+    b.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    b.add_argument("--json", action="store_true", help="print only the JSON line (no table)")
     _common(b)
     b.set_defaults(func=_bench)

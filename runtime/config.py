@@ -171,6 +171,8 @@ def _validate(c: DecodeConfig) -> str | None:
     n_blocks = c.gen_length // c.block_length
     if c.n_steps <= 0 or c.n_steps % n_blocks:
         return f"steps {c.n_steps} is not a positive multiple of the number of blocks {n_blocks}"
+    if c.n_steps > c.gen_length:  # a step beyond one token a step commits nothing and costs a forward
+        return f"steps {c.n_steps} is more than gen_length {c.gen_length} (at most one step per token)"
     if c.sampler not in (None, *SAMPLERS):
         return f"unknown sampler {c.sampler!r}; expected one of {SAMPLERS}"
     if c.temperature < 0:

@@ -10,8 +10,8 @@ how one planned step becomes a variant's named inputs. build/ exports to it; eve
   saliency      DyLLM's sparse step: `salient` marks the rows whose input changed; each layer's salient
                 rows are decided in the graph (tau baked in), computed over all rows, masked (static shapes)
 
-Axis names: batch, rows (forwarded rows), slots (canvas + trash), out (rows at the LM head), keep_i
-(rows kept at the i-th prune layer). Cache semantics, one for every executor: a graph returns each
+Axis names: batch, rows (forwarded rows), slots (canvas + trash), keys (the slots attended to), out
+(rows at the LM head), keep_i (rows kept at the i-th prune layer). Cache semantics, one for every executor: a graph returns each
 merged cache as `<input>_out`; after a step the Cache's own tensors hold them (an engine that wrote a
 cache in place, aliasing output to input, leaves nothing to copy).
 """
@@ -78,6 +78,7 @@ def io_spec(variant: str, args: ModelArgs, prune_layers: tuple[int, ...], dtype:
     """Inputs and outputs of a variant: [{"name", "dtype", "shape"}], shapes with axis names.
 
     tokens, idx [batch, rows] int64; positions [batch, slots] int64; key_valid [batch, slots] bool;
+    key_slots [batch, keys] int64 (the slots attended to, in order: every slot but a suffix window's);
     dense*: head [batch, out] int64; skip: confidence, bonus [batch, slots] float32 and keep_mask.i
     [batch, keep_i] bool per built prune layer; k_cache.l / v_cache.l [batch, Hkv, slots, hd];
     hidden.l [batch, slots, dim] at the prune layers. Outputs: logits [batch, out, vocab], pred
@@ -89,7 +90,8 @@ def io_spec(variant: str, args: ModelArgs, prune_layers: tuple[int, ...], dtype:
     def t(name, dt, shape):
         return {"name": name, "dtype": dt, "shape": shape}
     ins = [t("tokens", "int64", ["batch", "rows"]), t("idx", "int64", ["batch", "rows"]),
-           t("positions", "int64", ["batch", "slots"]), t("key_valid", "bool", ["batch", "slots"])]
+           t("positions", "int64", ["batch", "slots"]), t("key_valid", "bool", ["batch", "slots"]),
+           t("key_slots", "int64", ["batch", "keys"])]
     if variant == "skip":
         ins += [t("confidence", "float32", ["batch", "slots"]), t("bonus", "float32", ["batch", "slots"])]
         ins += [t(keep_name(i), "bool", ["batch", f"keep_{i}"]) for i in range(len(prune_layers))]
@@ -148,7 +150,10 @@ def step_feeds(args: ModelArgs, prune_layers: tuple[int, ...], tokens: Tensor, i
     if B != cache.batch:
         raise ValueError(f"idx has batch {B}, the cache {cache.batch}")
     variant = variant_of(plan, cache)
-    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": plan.keys(cache)}
+    slots = plan.key_slots if plan.key_slots is not None else \
+        idx.new_tensor(range(cache.length + 1)).expand(B, cache.length + 1)
+    feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": cache.key_valid,
+             "key_slots": slots}
     if variant == "skip":
         missing = sorted(set(plan.keep) - set(prune_layers))
         if missing:

@@ -188,7 +188,8 @@ def register(subparsers) -> None:
     from .flags import add_model_args
 
     d = EvalConfig()
-    p = subparsers.add_parser("eval", help="accuracy, agreement, NFE and tokens/s of methods on held-out task problems")
+    p = subparsers.add_parser("eval", help="accuracy, agreement, NFE and tokens/s of methods on held-out task problems",
+                              epilog="example: esdllm eval --methods vanilla,es-dllm-t0.9,streaming-dllm --n 64")
     add_model_args(p)
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {','.join(DECODE_PRESETS)}")
     p.add_argument("--n", type=int, default=d.n, help="number of held-out problems")
@@ -196,9 +197,9 @@ def register(subparsers) -> None:
     p.add_argument("--families", default=",".join(d.families), help="comma-separated task families (runtime/task.py)")
     p.add_argument("--gen-length", type=int, default=None,
                    help="one generation length for every family (default: each family's natural one)")
-    p.add_argument("--block-length", type=int, default=d.block_length)
+    p.add_argument("--block-length", type=int, default=d.block_length, help=f"block size (default {d.block_length})")
     p.add_argument("--steps", type=int, default=None, help="default: gen length")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"problems per generate call (default {d.batch_size})")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the checkpoint's chat template")
     p.add_argument("--plot", default="esdllm-eval.png", help="PNG path for accuracy vs tokens/s ('' to skip)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")

@@ -54,12 +54,17 @@ class SuffixWindow:
         tail = torch.where(self.gen_end - e > self.w, self.gen_end - 1, self.trash)[:, None]
         return torch.cat([near, tail], 1)
 
-    def key_mask(self, e: Tensor, e_min: int, L: int) -> Tensor:
-        """[B, L + 1] bool: the prefix and block (< e) and the kept suffix; the rest is not a key."""
-        mask = torch.arange(L + 1, device=e.device)[None, :] < e[:, None]
-        mask = mask.scatter(1, self.rows(e, e_min), True)
-        mask[:, self.trash] = False
-        return mask
+    def key_slots(self, e: Tensor, e_min: int, e_max: int) -> Tensor | None:
+        """[B, nk] the key slots a forward attends to: the prefix and block (< e), then the kept
+        suffix, in canvas order (trash where a row has fewer); None when no row prunes a key. The
+        pruned keys are left out of the attention, not masked in it, so they cost nothing; nk
+        depends on the block ends only, so a row's reduction length does not depend on its batch
+        mates' contents (README "Batch invariance")."""
+        if e_min + self.w >= self.gen_end:  # every row keeps its whole suffix
+            return None
+        near = torch.arange(e_max, device=e.device).expand(e.shape[0], e_max)
+        near = torch.where(near < e[:, None], near, self.trash)
+        return torch.cat([near, self.rows(e, e_min)], 1)
 
 
 def _from(start: Tensor, n: int, limit, active: Tensor, trash: int) -> Tensor:
@@ -102,7 +107,7 @@ class Vanilla:
             return _from(zero, self.L, self.L, c.active, self.trash), StepPlan(head=head)
         e = c.s + c.bl
         idx = self.with_suffix(c, _from(zero, max(c.s_host) + c.bl, e, c.active, self.trash))
-        return idx, StepPlan(head=head, key_mask=self.keys(c))
+        return idx, StepPlan(head=head, key_slots=self.keys(c))
 
     def with_suffix(self, c: StepContext, idx: Tensor) -> Tensor:
         """idx [B, n] followed by the window's kept suffix rows (trash for idle rows)."""
@@ -110,7 +115,10 @@ class Vanilla:
         return torch.cat([idx, torch.where(c.active[:, None], kept, self.trash)], 1)
 
     def keys(self, c: StepContext) -> Tensor | None:
-        return None if self.window is None else self.window.key_mask(c.s + c.bl, min(c.s_host) + c.bl, self.L)
+        """StepPlan.key_slots: with a suffix window the prefix, the block and the kept suffix."""
+        if self.window is None:
+            return None
+        return self.window.key_slots(c.s + c.bl, min(c.s_host) + c.bl, max(c.s_host) + c.bl)
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         return self.full(c)
@@ -196,7 +204,7 @@ class FastDLLM(Vanilla):
                 idx = self.with_suffix(c, idx)
         else:
             idx = _from(c.s - sh, self.L - min(c.s_host) + sh, self.L, c.active, self.trash)
-        return idx, StepPlan(head=_span(B, 0, c.bl, dev), key_mask=self.keys(c))
+        return idx, StepPlan(head=_span(B, 0, c.bl, dev), key_slots=self.keys(c))
 
 
 class StreamingDLLM(FastDLLM):
@@ -305,7 +313,7 @@ class ESDLLM(Vanilla):
             idx = self.with_suffix(c, idx)
         tail = sh - self.row_shift  # forwarded rows past the last predicting one
         head = StepPlan(head=_span(B, n - c.bl - tail, n - tail, dev), write_hidden=True, alpha=cfg.alpha,
-                        key_mask=self.keys(c))
+                        key_slots=self.keys(c))
         if not skip:
             return idx, head
         n_fwd = (idx != self.trash).sum(1)
@@ -322,7 +330,7 @@ class ESDLLM(Vanilla):
         if not keep:
             return idx, head
         plan = StepPlan(keep=keep, write_hidden=True, alpha=cfg.alpha, confidence=self.conf,
-                        bonus=self._bonus(c), top2=top2_bonus(cfg.alpha), key_mask=self.keys(c))
+                        bonus=self._bonus(c), top2=top2_bonus(cfg.alpha), key_slots=self.keys(c))
         return idx, plan
 
     def _bonus(self, c: StepContext) -> Tensor:

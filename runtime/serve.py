@@ -4,7 +4,9 @@ find_tritonserver   --tritonserver PATH, else `tritonserver` on PATH, else the o
                     nvidia-pytriton wheel (python backend only; see DESIGN.md §2)
 repo_values         the ${name} values of triton_repo/esdllm/config.pbtxt, from engine.json + flags
 write_repository    copy triton_repo/esdllm into a model repository and fill its config
-TritonServer        start (loopback only by default), wait until the model is ready, stop cleanly
+TritonServer        start (loopback, gRPC only, admin protocols behind a key by default), wait until
+                    the model is ready, watch its stub, stop cleanly leaving nothing behind
+Supervisor          restarts the server (with backoff) when it or its stub dies or its memory runs away
 register            adds the `serve` subcommand to the esdllm CLI
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.resources
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -20,9 +23,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .config import DTYPES, DecodeConfig
@@ -33,9 +35,19 @@ _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports (all held open while choosing: two calls of one could collide)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 RAW_VALUES = ("inputs",)  # placeholders filled with protobuf text as it is (generated, not user text)
@@ -55,7 +67,7 @@ def fill_template(text: str, values: dict[str, object]) -> str:
 def repo_values(artifacts: str | Path | None = None, model: str | Path | None = None, *, executor: str = "auto",
                 device: str = "auto", dtype: str | None = None, max_batch: int | None = None,
                 max_tokens: int | None = None, max_prompt: int | None = None, queue_delay_us: int = 5000,
-                chat: bool = False, decode: dict | None = None, model_name: str = MODEL_NAME) -> dict:
+                max_queue: int | None = None, chat: bool = False, decode: dict | None = None, model_name: str = MODEL_NAME) -> dict:
     """Values for config.pbtxt. The artifacts' build profile (engine.json) sets the batch, gen and
     prompt limits and the default block length unless a flag overrides them."""
     build, hf_dir = None, None
@@ -77,7 +89,11 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
         raise ValueError(f"default gen length {cfg.gen_length} exceeds the served limit max_tokens {max_tokens}")
     model_dir = model or hf_dir
     from .serving import config_inputs
+    max_queue = 4 * max_batch if max_queue is None else max_queue
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     return {"model_name": model_name, "max_batch_size": max_batch, "max_queue_delay_us": queue_delay_us,
+            "max_queue_size": max_queue,
             "inputs": config_inputs(),
             "model_dir": str(Path(model_dir).resolve()) if model_dir else "",
             "artifacts_dir": str(Path(artifacts).resolve()) if artifacts else "",
@@ -134,15 +150,32 @@ def wheel_backend_dir(work: Path) -> tuple[Path, list[str]]:
     return work / "backends", [p for p in libs if p]
 
 
+# Admin protocols no client of the model needs: registering shared memory (the server would then
+# write answers into any region a client names), switching logging off, the model repository and
+# config, statistics, tracing. They stay behind a key only the launcher holds.
+RESTRICTED = "model-repository,model-config,shared-memory,statistics,trace,logging"
+ADMIN_HEADER = "esdllm-admin-key"
+STUB = "triton_python_backend_stub"
+
+
 class TritonServer:
     """One tritonserver process on `values`' model repository. Use as a context manager, or
-    start() / stop(). Logs go to `log` (a file path) or are inherited when log is None."""
+    start() / stop(). Logs go to `log` (a file path) or are inherited when log is None.
 
-    def __init__(self, values: dict, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
-                 tritonserver: str | None = None, log: str | Path | None = None, extra_args: tuple = ()):
+    Exposed: gRPC on host:grpc_port (loopback by default) with the admin protocols (RESTRICTED)
+    behind a random key; HTTP only when http_port is given (Triton 2.51's HTTP front end can be
+    crashed by one request: README "Running it in production"), restricted the same way; no
+    metrics. The python stub's shared-memory regions carry a per-server prefix: made private
+    (0600) once the model is up, removed on stop."""
+
+    def __init__(self, values: dict, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int | None = None,
+                 tritonserver: str | None = None, log: str | Path | None = None, extra_args: tuple = (),
+                 exit_timeout: int = 3):
         self.values, self.host, self.grpc_port, self.http_port = values, host, grpc_port, http_port
         self.binary, self.from_wheel = find_tritonserver(tritonserver)
-        self.log, self.extra_args = log, tuple(extra_args)
+        self.log, self.extra_args, self.exit_timeout = log, tuple(extra_args), exit_timeout
+        self.admin_key = secrets.token_hex(16)
+        self.shm_prefix = f"esdllm_{secrets.token_hex(6)}_"
         self.proc: subprocess.Popen | None = None
         self.work: Path | None = None
         self._log_file = None
@@ -152,13 +185,27 @@ class TritonServer:
         return f"{self.host}:{self.grpc_port}"
 
     @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+    def http_url(self) -> str | None:
+        return None if self.http_port is None else f"http://{self.host}:{self.http_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens the restricted protocols (tritonclient headers=)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
 
     def command(self, repo: Path, backend_dir: Path | None) -> list[str]:
-        cmd = [str(self.binary), f"--model-repository={repo}", f"--http-address={self.host}",
-               f"--grpc-address={self.host}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-               "--allow-metrics=false", "--exit-timeout-secs=10"]
+        key = f"{RESTRICTED}:{ADMIN_HEADER}={self.admin_key}"
+        cmd = [str(self.binary), f"--model-repository={repo}", f"--grpc-address={self.host}",
+               f"--grpc-port={self.grpc_port}", f"--grpc-restricted-protocol={key}", "--allow-metrics=false",
+               f"--exit-timeout-secs={self.exit_timeout}",
+               # Triton keeps request objects for reuse, each holding the capacity of the largest
+               # message it carried: multi-MB prompts then grow the server for good (README)
+               "--grpc-infer-allocation-pool-size=0",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        if self.http_port is None:
+            cmd.append("--allow-http=false")
+        else:
+            cmd += [f"--http-address={self.host}", f"--http-port={self.http_port}", f"--http-restricted-api={key}"]
         if backend_dir is not None:
             cmd.append(f"--backend-directory={backend_dir}")
         return cmd + list(self.extra_args)
@@ -169,6 +216,9 @@ class TritonServer:
         # ignored); it finds its environment, and so esdllm, through the `python3` first on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+        # glibc raises its mmap threshold after every large free, so a burst of multi-MB requests
+        # leaves their buffers in the heap for good; a fixed threshold hands them back to the OS
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 10))
         return env
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
@@ -181,28 +231,74 @@ class TritonServer:
                 self._log_file = out = open(self.log, "ab")
             self.proc = subprocess.Popen(self.command(repo, backend_dir), env=self.environment(libs),
                                          stdout=out, stderr=subprocess.STDOUT if out else None,
-                                         start_new_session=True)  # Ctrl-C reaches us; we stop it in order
+                                         start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+                                         umask=0o077)  # what it creates is its user's alone
             self.wait_ready(timeout)
+            self.secure_shm()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _client(self):
+        import tritonclient.grpc as grpcclient
+        return grpcclient.InferenceServerClient(self.grpc_url)
+
+    def ready(self) -> bool:
+        """The model answers gRPC readiness (False while the server is down or loading)."""
+        try:
+            with self._client() as c:
+                return bool(c.is_model_ready(self.values["model_name"]))
+        except Exception:  # refused connection, UNAVAILABLE: not ready
+            return False
+
     def wait_ready(self, timeout: float) -> None:
-        url = f"{self.http_url}/v2/models/{self.values['model_name']}/ready"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with code {self.proc.returncode} before it was ready"
                                    + self._log_tail())
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if self.ready():
+                return
             time.sleep(0.25)
         raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s" + self._log_tail())
+
+    def stubs(self) -> list[int]:
+        """pids of the live (not zombie) python-backend stubs of this server."""
+        if self.proc is None:
+            return []
+        out = []
+        for pid in _children(self.proc.pid):
+            stat = _stat(pid)
+            if stat and stat[0] == STUB[:15] and stat[1] != "Z":
+                out.append(pid)
+        return out
+
+    def health(self) -> str | None:
+        """None while the server and its model's stub live; else what died."""
+        if self.proc is None or self.proc.poll() is not None:
+            return f"tritonserver exited with code {None if self.proc is None else self.proc.returncode}"
+        if not self.stubs():
+            return "the python backend stub of the model died (Triton 2.51 neither notices nor restarts it)"
+        return None
+
+    def rss_kib(self) -> dict[str, int]:
+        """Resident memory of the server and of its stubs, KiB."""
+        out = {"tritonserver": _rss(self.proc.pid) if self.proc else 0}
+        out["stubs"] = sum(_rss(p) for p in self.stubs())
+        return out
+
+    def shm_regions(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
+
+    def secure_shm(self) -> None:
+        """Triton creates the stub's region 0644 whatever the umask (Boost's default permissions):
+        make it readable by the server's user only."""
+        for f in self.shm_regions():
+            try:
+                f.chmod(0o600)
+            except OSError:
+                pass
 
     def _log_tail(self, n: int = 12) -> str:
         if self.log is None or not Path(self.log).is_file():
@@ -212,21 +308,28 @@ class TritonServer:
         return (f"\n--- tritonserver log {self.log}: the last {n} lines, then the errors ---\n"
                 + "\n".join(lines[-n:] + errors[-5:]))
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGINT (Triton unloads the model and exits), then SIGKILL to the whole process group
-        (the server and its python stubs) if it does not go in time."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGINT (Triton unloads the model and exits, waiting at most exit_timeout for requests
+        in flight), then SIGKILL to the server alone, so its stubs notice and remove their shared
+        memory; then SIGKILL to whatever is left of the process group, and the regions removed."""
+        timeout = self.exit_timeout + 5 if timeout is None else timeout
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
         if self.proc is not None:
-            try:  # stubs left behind by a crashed server
+            deadline = time.monotonic() + 2.0  # stubs check their parent every ~300 ms
+            while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            try:  # stubs left behind by a crashed server, or stuck ones
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        for f in self.shm_regions():
+            f.unlink(missing_ok=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -241,37 +344,152 @@ class TritonServer:
         self.stop()
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(comm, state) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    return comm, text[text.rindex(")") + 2]
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+class Supervisor:
+    """Keeps one TritonServer serving: checks it every `every` seconds and restarts it, with
+    backoff (1, 2, 4 ... 30 s; reset after a minute of health), when the server or its model's stub
+    dies, or when the server's memory grew by more than `rss_growth_mib` since it became ready.
+    A restart kills the requests in flight: their clients get an error (UNAVAILABLE), never a hang."""
+
+    def __init__(self, server: TritonServer, *, restart: bool = True, every: float = 0.5,
+                 rss_growth_mib: int = 1024, log=None):
+        self.server, self.restart, self.every, self.rss_growth_mib = server, restart, every, rss_growth_mib
+        self.log = log or (lambda msg: print(f"esdllm serve: {msg}", file=sys.stderr, flush=True))
+        self.restarts = 0
+        self.up = threading.Event()  # set while a started server is being watched
+
+    def run(self, timeout: float, until=lambda: False) -> int:
+        """Serve until `until()` is true (then 0) or the server dies with restarts off (its exit code)."""
+        srv, backoff = self.server, 1.0
+        srv.start(timeout)
+        self.up.set()
+        base, healthy_since = srv.rss_kib()["tritonserver"], time.monotonic()
+        while not until():
+            time.sleep(self.every)
+            why = srv.health()
+            if why is None and self.rss_growth_mib:
+                grown = (srv.rss_kib()["tritonserver"] - base) // 1024
+                if grown > self.rss_growth_mib:
+                    why = f"tritonserver grew by {grown} MiB since it was ready (limit {self.rss_growth_mib})"
+            if why is None:
+                if time.monotonic() - healthy_since > 60:
+                    backoff = 1.0
+                continue
+            if not self.restart:
+                self.log(f"{why}; not restarting (--no-restart)")
+                code = srv.proc.returncode if srv.proc and srv.proc.poll() is not None else 1
+                srv.stop()
+                return code or 1
+            self.up.clear()
+            while not until():
+                self.log(f"{why}; restarting tritonserver in {backoff:.0f} s")
+                srv.stop()
+                time.sleep(backoff)
+                backoff = min(30.0, 2 * backoff)
+                try:
+                    srv.start(timeout)
+                    break
+                except (RuntimeError, TimeoutError) as e:  # it served before: keep trying, with backoff
+                    why = f"the restart failed ({str(e).splitlines()[0]})"
+            self.restarts += 1
+            self.up.set()
+            base, healthy_since = srv.rss_kib()["tritonserver"], time.monotonic()
+            self.log(f"ready again (restart {self.restarts})")
+        return 0
+
+
+# What `esdllm serve` decodes with unless told otherwise: the fastest setting that kept the default
+# model's exact match (README "Quality"); `--method vanilla` is the reference, one flag away.
+SERVE_DEFAULTS = {"method": "es-dllm", "threshold": 0.9}
+
+
 def _decode_overrides(ns) -> dict:
-    """The decoding flags the user really gave (their parser defaults are None)."""
+    """The decoding flags the user really gave (their parser defaults are None), over SERVE_DEFAULTS
+    when no method was given."""
     names = DecodeConfig.__dataclass_fields__
-    return {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    return given if "method" in given else {**SERVE_DEFAULTS, **given}
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def ready_message(server: TritonServer, values: dict) -> str:
+    """What `esdllm serve` prints once the model is up: where, with which defaults, how to ask."""
+    d = json.loads(values["decode_defaults"])
+    knobs = ", ".join(f"{k} {d[k]}" for k in ("method", "gen_length", "block_length", "threshold", "cache")
+                      if d.get(k) is not None)
+    lines = [f"esdllm serve: ready: model {values['model_name']!r} on gRPC {server.grpc_url}"
+             + (f" and HTTP {server.http_url}" if server.http_url else " (HTTP off; --http-port turns it on)"),
+             f"  served defaults: {knobs}; max_tokens <= {values['max_tokens_limit']}, "
+             f"max_batch {values['max_batch_size']}, queue {values['max_queue_size']}",
+             f'  try: esdllm client --url {server.grpc_url} --stream "rot13: abcdefgh ->"']
+    if server.http_url:
+        lines.append(f"  or:  curl -s {server.http_url}/v2/models/{values['model_name']}/generate "
+                     "-d '{\"text_input\": \"rot13: abcdefgh ->\", \"max_tokens\": 32}'")
+    return "\n".join(lines + ["  Ctrl-C stops"])
+
+
 def _serve(ns) -> int:
     values = repo_values(ns.artifacts, ns.model, executor=ns.executor, device=ns.device, dtype=ns.dtype,
                          max_batch=ns.max_batch, max_tokens=ns.max_tokens, max_prompt=ns.max_prompt,
-                         queue_delay_us=ns.queue_delay_us, chat=ns.chat, decode=_decode_overrides(ns))
+                         queue_delay_us=ns.queue_delay_us, max_queue=ns.max_queue, chat=ns.chat,
+                         decode=_decode_overrides(ns))
     if ns.write_repo:
         out = write_repository(ns.write_repo, values)
         print(f"wrote the model repository to {out} (tritonserver --model-repository={out})")
         return 0
     server = TritonServer(values, host=ns.host, grpc_port=ns.grpc_port, http_port=ns.http_port,
                           tritonserver=ns.tritonserver)
+    sup = Supervisor(server, restart=not ns.no_restart, rss_growth_mib=ns.max_rss_growth_mib)
     print(f"esdllm serve: starting {server.binary}", file=sys.stderr)
     for sig in (signal.SIGINT, signal.SIGTERM):  # both stop cleanly, also when started in the background
         signal.signal(sig, _interrupt)
+    ready = [False]
+
+    def until():
+        if not ready[0]:
+            ready[0] = True
+            print(ready_message(server, values), file=sys.stderr, flush=True)
+        return False
+
     try:
-        server.start(ns.timeout)
-        print(f"esdllm serve: ready: gRPC {server.grpc_url}, HTTP {server.http_url}, model "
-              f"{values['model_name']!r}; Ctrl-C stops", file=sys.stderr)
-        while server.proc.poll() is None:
-            time.sleep(0.5)
-        print(f"esdllm serve: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
-        return server.proc.returncode or 1
+        return sup.run(ns.timeout, until)
     except KeyboardInterrupt:
         print("esdllm serve: stopping", file=sys.stderr)
         return 0
@@ -286,16 +504,27 @@ def _serve(ns) -> int:
 def register(subparsers) -> None:
     """Adds `esdllm serve`."""
     from .flags import add_decode_args
-    p = subparsers.add_parser("serve", help="serve the model through Triton Inference Server (gRPC + HTTP)")
+    p = subparsers.add_parser("serve", help="serve the model through Triton Inference Server (gRPC; HTTP opt-in)",
+                              epilog="example: esdllm serve --artifacts artifacts/llada-tiny --method es-dllm --threshold 0.9")
     p.add_argument("--artifacts", default=None, help="artifacts dir from `esdllm build` (engine.json)")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the artifacts' checkpoint, "
                    "else the embedded models/llada-tiny)")
-    p.add_argument("--executor", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--executor", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="auto: TensorRT with engines and a GPU, onnxruntime with artifacts, else torch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, choices=DTYPES)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the checkpoint's or the artifacts'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve HTTP (and the generate endpoint) on this port; off by default: Triton "
+                        "2.51's HTTP front end can be crashed by one request (README)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="exit when tritonserver or the model's stub dies instead of restarting it")
+    p.add_argument("--max-rss-growth-mib", type=int, default=1024,
+                   help="restart tritonserver when it grew by more than this since ready (0: never)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait behind the running batch before new ones are refused "
+                        "as busy (default: 4 x --max-batch)")
     p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: PATH, else nvidia-pytriton's)")
     p.add_argument("--max-batch", type=int, default=None, help="max_batch_size (default: the artifacts' or 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens served (default: the "

@@ -77,10 +77,22 @@ def config_inputs() -> str:
     return "input [\n" + ",\n".join(rows) + "\n]"
 
 
+# The default prompt limit: a canvas of at most this many times the longest answer. A request's cost
+# grows with its canvas (every forward of a block start runs all of it), so a prompt at the limit
+# costs at most PROMPT_FACTOR + 1 times an answer-only canvas; at gen 64 that is 512 tokens.
+PROMPT_FACTOR = 8
+
+
 @dataclass(frozen=True)
 class Limits:
     max_tokens: int     # largest gen length served (the built profile's gen_length)
     max_prompt: int     # longest prompt in tokens
+    max_prompt_bytes: int = 1 << 20  # longest prompt in UTF-8 bytes, checked before tokenizing
+
+
+def default_max_prompt(max_tokens: int, max_seq_len: int) -> int:
+    """The served prompt limit when none is configured: PROMPT_FACTOR x the answer, within the model."""
+    return max(1, min(max_seq_len - max_tokens, PROMPT_FACTOR * max_tokens))
 
 
 @dataclass
@@ -135,10 +147,16 @@ def load(params: dict[str, str]):
                          executor=executor, engine_dir=artifacts)
     defaults = DecodeConfig(**_tuples(json.loads(params.get("decode_defaults") or "{}")))
     max_tokens = int(params.get("max_tokens_limit") or 0) or defaults.gen_length
-    max_prompt = int(params.get("max_prompt_tokens") or 0) or pipe.args.max_seq_len - max_tokens
+    max_prompt = int(params.get("max_prompt_tokens") or 0) or default_max_prompt(max_tokens, pipe.args.max_seq_len)
+    if max_prompt + max_tokens > pipe.args.max_seq_len:
+        raise ValueError(f"max_prompt_tokens {max_prompt} + max_tokens_limit {max_tokens} exceeds the model's "
+                         f"maximum sequence length {pipe.args.max_seq_len}")
+    from .tokenizer import max_token_bytes
+    limits = Limits(max_tokens, max_prompt, max_prompt * max_token_bytes(pipe.tokenizer) + 4096)  # + chat markup
     chat = (params.get("chat") or "false").lower() in ("1", "true", "yes")
-    info = {"executor": executor, "device": device, "model_dir": str(pipe.model_dir)}
-    return pipe, defaults, Limits(max_tokens, max_prompt), chat, info
+    # what every response's stats say about the server: no paths (the log has them)
+    info = {"executor": executor, "device": device}
+    return pipe, defaults, limits, chat, info
 
 
 def _tuples(d: dict) -> dict:
@@ -172,7 +190,16 @@ def parse_request(inputs: dict[str, np.ndarray | None], pipe, defaults: DecodeCo
     text = inputs.get("text_input")
     if text is None:
         raise ValueError("text_input is missing: send the prompt as a BYTES tensor of shape [1, 1]")
+    if text.dtype.kind == "O" and text.size == 1:  # measure before decoding or tokenizing anything
+        raw = text.reshape(-1)[0]
+        n = len(raw) if isinstance(raw, (bytes, bytearray)) else len(str(raw).encode("utf-8", "replace"))
+        if n > limits.max_prompt_bytes:
+            raise ValueError(f"text_input is {n} bytes, more than the {limits.max_prompt_bytes} any prompt of "
+                             f"at most {limits.max_prompt} tokens can have")
     prompt = _scalar("text_input", text, "OSU")
+    if len(prompt.encode("utf-8")) > limits.max_prompt_bytes:
+        raise ValueError(f"text_input is more than {limits.max_prompt_bytes} bytes (at most {limits.max_prompt} "
+                         f"tokens are served)")
     if not prompt.strip():
         raise ValueError("text_input is empty")
     unknown = sorted(set(n for n, v in inputs.items() if v is not None) - set(BY_NAME))

@@ -11,6 +11,7 @@ build_tokenizer   byte-level BPE (or char-level) tokenizer with a family's speci
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +124,23 @@ def load_tokenizer(path: str | Path):
             hf_logging.set_verbosity(level)
 
 
+_USER = "\x00esdllm-user-text-{}\x00"  # stands in for a message's content while the template renders
+
+
+def _text_ids(tok, text: str) -> list[int]:
+    """User text as text: special-token strings in it ("<|mdm_mask|>", "<|endoftext|>", chat markers)
+    are split into ordinary tokens, never parsed as control tokens."""
+    return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
 def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int]:
     """Prompt ids. text: a string, or (chat only) a list of {"role", "content"} messages.
 
-    chat=True renders the checkpoint's chat template with the generation prompt and encodes it
-    without adding special tokens (LLaDA's template already holds BOS). chat=False encodes the
-    text as the tokenizer's post-processor says (LLaDA prepends BOS, Dream adds nothing).
+    chat=True renders the checkpoint's chat template with the generation prompt; its markers are
+    control tokens, the messages' contents are encoded as text (LLaDA's template already holds BOS).
+    chat=False encodes the text as text, with the special tokens the tokenizer's post-processor adds
+    (LLaDA prepends BOS, Dream adds nothing). Text of which the tokenizer knows no character is an
+    empty prompt.
     """
     if isinstance(text, str):
         if not text.strip():
@@ -140,18 +152,34 @@ def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int
             raise ValueError("a list of messages needs chat=True")
         if not messages or not all(str(m.get("content", "")).strip() for m in messages):
             raise ValueError("empty prompt: no messages, or a message with empty content")
+    contents = [str(m["content"]) for m in messages]
+    user = [_text_ids(tok, c) for c in contents]
+    if not any(user):
+        raise ValueError("empty prompt: the tokenizer knows none of its characters")
     if chat:
         if not getattr(tok, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; encode with chat=False")
-        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        marked = [{**m, "content": _USER.format(i)} for i, m in enumerate(messages)]
+        rendered = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        ids = []
+        for i, part in enumerate(re.split("\x00esdllm-user-text-(\\d+)\x00", rendered)):
+            if i % 2:
+                ids += user[int(part)]
+            elif part:
+                ids += tok(part, add_special_tokens=False)["input_ids"]
     else:
-        ids = tok(text)["input_ids"]
-    if not ids:
-        raise ValueError(f"prompt {text!r} encodes to no tokens")
+        ids = tok(text, split_special_tokens=True)["input_ids"]  # the post-processor's BOS, the text as text
     if max_len is not None and len(ids) > max_len:
         raise ValueError(f"prompt is {len(ids)} tokens, longer than the limit of {max_len}")
     return list(ids)
+
+
+def max_token_bytes(tok) -> int:
+    """The longest ordinary token's text in UTF-8 bytes: a prompt of more than max_tokens times this
+    many bytes cannot fit max_tokens, so it can be refused before tokenizing."""
+    special = set(tok.all_special_tokens) | {t.content for t in getattr(tok, "added_tokens_decoder", {}).values()
+                                              if getattr(t, "special", False)}
+    return max((len(t.encode("utf-8")) for t in tok.get_vocab() if t not in special), default=1)
 
 
 def stop_ids(tok, args) -> set[int]:

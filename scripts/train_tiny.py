@@ -237,8 +237,9 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         log(f"resuming from step {start}")
     model.train()
     t0, ema = time.time() - spent, None  # elapsed_s counts the training time of every session
+    # in a log (not a terminal) the validation lines below are the progress, not bar redraws
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.family}",
-               file=sys.stderr, mininterval=5.0)
+               file=sys.stderr, mininterval=5.0, disable=not sys.stderr.isatty())
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)

@@ -19,7 +19,9 @@ def test_generate_json(family, method, llada_ckpt, dream_ckpt, capsys):
     rc = cli.main(["generate", "--model", str(ckpt), "--prompt", "hello there", "--prompt", "hi",
                    "--gen-length", "16", "--block-length", "8", "--json", *method])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    out = json.loads(lines[0])
     assert len(out["texts"]) == 2 and len(out["token_ids"]) == 2
     assert all(len(ids) <= 16 for ids in out["token_ids"])
     st = out["stats"]
@@ -55,7 +57,14 @@ def test_bench_defaults_to_the_committed_model_with_eos_semantics(capsys):
     rc = cli.main(["bench", "--methods", "vanilla,es-dllm-t0.9", "--batch", "2", "--gen-length", "64",
                    "--block-length", "32", "--rounds", "1"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) > 3 and table[0].startswith("model ")  # people get the table, then the JSON line
+    rc = cli.main(["bench", "--methods", "vanilla,es-dllm-t0.9", "--batch", "2", "--gen-length", "64",
+                   "--block-length", "32", "--rounds", "1", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1, "--json prints exactly one line"
+    out = json.loads(lines[0])
+    assert json.loads(table[-1]).keys() == out.keys()
     assert out["model"] == str(DEFAULT_MODEL) and out["batch"] == 2 and out["preset"] is None
     m = out["methods"]
     # answers are 16-32 tokens: counting stops at EOS, so far fewer than 2 x 64 tokens count
@@ -80,3 +89,15 @@ def test_llada_reference_generate_decodes_what_vanilla_decodes(llada_ckpt):
     cfg = DecodeConfig(gen_length=16, block_length=8)
     ref, ours = reference_generate(m, prompts, cfg), generate(m, prompts, cfg)
     assert torch.equal(ref.tokens, ours.tokens) and ref.stats.nfe == ours.stats.nfe == 16
+
+
+def test_every_option_has_help_and_every_subcommand_an_example():
+    import argparse
+    from esdllm.runtime.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    described = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        assert described.get(name), f"`esdllm {name}` has no one-line description"
+        assert p.epilog and "example: esdllm " + name in p.epilog, f"`esdllm {name}` has no example"
+        bare = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
+        assert not bare, f"`esdllm {name}` options without help: {bare}"

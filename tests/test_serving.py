@@ -85,7 +85,7 @@ def _serve(model_dir, tmp_path_factory, **values):
     from esdllm.runtime.serve import TritonServer
     values = repo_values(None, model_dir, executor="torch", device="cpu", queue_delay_us=20000, **values)
     try:
-        srv = TritonServer(values, grpc_port=free_port(), http_port=free_port(),
+        srv = TritonServer(values, grpc_port=free_port(),
                            log=tmp_path_factory.mktemp("triton") / "tritonserver.log")
     except FileNotFoundError as e:
         pytest.skip(str(e))

@@ -38,7 +38,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.pipe, self.defaults, self.limits, self.chat, self.info = S.load(params)
-        pb_utils.Logger.log_info(f"esdllm: {self.info}, limits {self.limits}, defaults {self.defaults}")
+        pb_utils.Logger.log_info(f"esdllm: {self.info}, model {self.pipe.model_dir}, limits {self.limits}, "
+                                 f"defaults {self.defaults}")
 
     def execute(self, requests):
         parsed = []
