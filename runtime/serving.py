@@ -240,6 +240,19 @@ def parse_request(inputs: dict[str, np.ndarray | None], pipe, defaults: DecodeCo
     return Request(ids, cfg, bool(vals.get("stream", False)))
 
 
+def check_parameters(text: str | None) -> None:
+    """Request parameters are not inputs: Triton's HTTP generate endpoint turns every JSON key it
+    does not know as an input into one, where gRPC refuses unknown inputs. Name them the same way
+    (Triton's own triton_* parameters pass)."""
+    try:
+        params = json.loads(text) if text else {}
+    except ValueError:
+        params = {}
+    unknown = sorted(k for k in params if not k.startswith("triton_"))
+    if unknown:
+        raise ValueError(f"unknown input {unknown[0]!r}; the model takes {', '.join(INPUT_NAMES)}")
+
+
 def group_by_config(items: list[tuple[Request, object]]) -> list[tuple[DecodeConfig, list]]:
     """Requests with equal configs share one generate() call; first-come order is kept."""
     groups: dict[DecodeConfig, list] = {}

@@ -216,11 +216,19 @@ def test_a_killed_stub_is_noticed_and_the_model_comes_back(tmp_path):
 def test_a_crashed_tritonserver_is_restarted_and_http_is_opt_in(tmp_path):
     """With --http-port, one generate request nested 50,000 deep kills tritonserver 2.51 (its JSON
     parser recurses): the supervisor brings it back."""
+    import urllib.error
     import urllib.request
     srv = _server(tmp_path, http=True)
     sup, stop, t, lines = _supervise(srv)
     try:
         assert _until(lambda: srv.http_port in _listening(srv.proc.pid), 15)
+        # over HTTP an unknown key would be a request parameter: it gets gRPC's named error
+        bogus = urllib.request.Request(f"{srv.http_url}/v2/models/esdllm/generate",
+                                       data=b'{"text_input": "rot13: ab ->", "bogus": 1}',
+                                       headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bogus, timeout=60)
+        assert "unknown input 'bogus'" in e.value.read().decode()
         depth = 50_000
         body = b'{"text_input": ' + b"[" * depth + b'"x"' + b"]" * depth + b"}"
         req = urllib.request.Request(f"{srv.http_url}/v2/models/esdllm/generate", data=body,
@@ -289,3 +297,13 @@ def test_hostile_mix_leaves_the_server_live_ready_and_flat(server):
     res = soak(server, n=150, concurrency=4, warmup=60, progress=False)
     assert res["live"] and res["ready"] and not res["failures"], res
     assert res["growth_kib"]["tritonserver"] < 10 * 1024 and res["growth_kib"]["stubs"] < 10 * 1024, res
+
+
+def test_soak_command_json_is_one_line(capsys):
+    import json
+    from esdllm.runtime import cli
+    rc = cli.main(["soak", "--requests", "18", "--concurrency", "2", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line"
+    res = json.loads(lines[0])
+    assert rc == 0 and res["live"] and res["ready"] and not res["failures"], res

@@ -241,3 +241,15 @@ def test_served_default_model_answers_under_load(trained_server, method):
     assert (res["errors"], res["mismatches"]) == (0, 0), res
     assert res["exact_match"] >= 0.75, res
     assert res["max_batch_seen"] > 1, "concurrent requests were never batched"
+
+
+@pytest.mark.serve
+def test_client_and_bench_serve_json_print_one_line(server, capsys):
+    from esdllm.runtime import cli
+    import json
+    rc = cli.main(["client", "--url", server.grpc_url, "--json", PROMPTS[0]])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1 and json.loads(lines[0])["error"] is None
+    rc = cli.main(["bench-serve", "--url", server.grpc_url, "--concurrency", "2", "--requests", "2", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1 and json.loads(lines[0])["errors"] == 0

@@ -50,6 +50,7 @@ class TritonPythonModel:
                 t = pb_utils.get_input_tensor_by_name(r, name)
                 inputs[name] = None if t is None else t.as_numpy()
             try:
+                S.check_parameters(r.parameters())
                 parsed.append((S.parse_request(inputs, self.pipe, self.defaults, self.limits, self.chat), sender))
             except (ValueError, TypeError) as e:
                 self._send(sender, error=_error(str(e), invalid_arg=True), final=True)
