@@ -152,7 +152,8 @@ def load(params: dict[str, str]):
         raise ValueError(f"max_prompt_tokens {max_prompt} + max_tokens_limit {max_tokens} exceeds the model's "
                          f"maximum sequence length {pipe.args.max_seq_len}")
     from .tokenizer import max_token_bytes
-    limits = Limits(max_tokens, max_prompt, max_prompt * max_token_bytes(pipe.tokenizer) + 4096)  # + chat markup
+    # the text alone is measured (a chat template adds tokens, not text bytes); 4 KiB of slack on top
+    limits = Limits(max_tokens, max_prompt, max_prompt * max_token_bytes(pipe.tokenizer) + 4096)
     chat = (params.get("chat") or "false").lower() in ("1", "true", "yes")
     # what every response's stats say about the server: no paths (the log has them)
     info = {"executor": executor, "device": device}
