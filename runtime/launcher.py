@@ -373,16 +373,19 @@ class Supervisor:
                 srv.stop()
                 return code or 1
             self.up.clear()
-            while not until():
+            started = False
+            while not started and not until():
                 self.log(f"{why}; restarting tritonserver in {backoff:.0f} s")
                 srv.stop()
                 time.sleep(backoff)
                 backoff = min(30.0, 2 * backoff)
                 try:
                     srv.start(timeout)
-                    break
+                    started = True
                 except (RuntimeError, TimeoutError) as e:  # it served before: keep trying, with backoff
                     why = f"the restart failed ({str(e).splitlines()[0]})"
+            if not started:  # told to stop while restarting
+                break
             self.restarts += 1
             self.up.set()
             base, healthy_since = srv.rss_kib()["tritonserver"], time.monotonic()
