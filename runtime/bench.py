@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiled import MODES, compiled
 from .config import DECODE_PRESETS, DTYPES, DecodeConfig, ModelArgs, Stats
 from .generate import GenerateOutput, generate
 from .model import Transformer
@@ -62,12 +63,14 @@ HBM_GBPS = {"H100": 3350, "H200": 4800}
 
 
 def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: int | None = None,
-              progress: bool = True) -> dict:
-    """Random weights at the preset's shape; every generated token counts (no EOS semantics)."""
+              progress: bool = True, ops: str | None = None) -> dict:
+    """Random weights at the preset's shape; every generated token counts (no EOS semantics).
+    ops: the op backend (plugins/backends.py; default the device's)."""
+    from ..plugins.backends import by_name, for_device
     torch.manual_seed(0)
     dt = getattr(torch, preset.dtype)
     with torch.device(device):
-        model = Transformer(preset.args).to(dt).eval()
+        model = Transformer(preset.args, ops=for_device(device) if ops is None else by_name(ops)).to(dt).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, preset.args.vocab_size - 8, (preset.batch, preset.prompt), generator=g).tolist()
     out = _run(model, prompts, preset.gen, preset.block, methods, device, rounds or preset.rounds, progress,
@@ -78,11 +81,11 @@ def run_bench(preset: Preset, methods: list[str], device: str = "cpu", rounds: i
 
 def run_bench_checkpoint(model_dir, methods: list[str], device: str = "cpu", dtype: str | None = None,
                          batch: int = 8, gen: int = 64, block: int = 32, rounds: int = 2, seed: int = 1234,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, ops: str | None = None) -> dict:
     """A checkpoint on `batch` held-out task prompts; tokens count up to each row's first stop token."""
     from . import task
     from .pipeline import Pipeline
-    pipe = Pipeline.load(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    pipe = Pipeline.load(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device, ops=ops)
     prompts = [pipe.encode(p.prompt, gen_length=gen) for p in task.problems(seed, batch, split="heldout", family=task.SHORT_FAMILIES)]
     out = _run(pipe.executor.model, prompts, gen, block, methods, device, rounds, progress, stop_ids=pipe.stop)
     out.update(model=str(pipe.model_dir), prompt=max(len(p) for p in prompts),
@@ -129,7 +132,11 @@ def reference_generate(model: Transformer, prompts: list[list[int]], cfg: Decode
 def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, methods: list[str], device: str,
          rounds: int, progress: bool, stop_ids: set[int]) -> dict:
     base = DecodeConfig(gen_length=gen, block_length=block, prompt_update_freq=max(64, block), block_update_freq=16)
-    cfgs = {m: base.replace(**DECODE_PRESETS.get(m, DECODE_PRESETS["vanilla"])) for m in methods}
+    cfgs, runners = {}, {}
+    for m in methods:  # <preset>[@static|@compile|@cuda-graphs]
+        name, _, mode = m.partition("@")
+        cfgs[m] = base.replace(**DECODE_PRESETS.get(name, DECODE_PRESETS["vanilla"]), static_shapes=bool(mode))
+        runners[m] = _runner(model, name, mode or None, runners)
     res = {m: dict(seconds=0.0, tokens=0, nfe=0, positions=0.0, steps=0, cache_bytes=0) for m in methods}
     total = len(methods) * (rounds + 1)
     bar = _bar(progress, total)
@@ -140,9 +147,11 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
         for m in methods:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            cfg = cfgs[m] if r > 0 else cfgs[m].replace(gen_length=block)  # warm-up: one block
-            run = reference_generate if m == REFERENCE else generate
-            out = run(model, prompts, cfg, stop_ids=stop_ids)
+            # warm-up: one block; compiled steps the whole run, so that every shape is compiled before timing
+            compiled = m.endswith(("@compile", "@cuda-graphs"))
+            cfg = cfgs[m] if r > 0 or compiled else cfgs[m].replace(gen_length=block)
+            run, ex = runners[m]
+            out = run(ex, prompts, cfg, stop_ids=stop_ids)
             if device.startswith("cuda"):
                 peak[m] = torch.cuda.max_memory_allocated() / 2**30
             if r > 0:
@@ -169,6 +178,8 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
            "torch": torch.__version__, "threads": torch.get_num_threads(), "methods": table, "speedup": {}}
     if REFERENCE in table and "vanilla" in table:
         out["speedup"][f"vanilla/{REFERENCE}"] = round(table["vanilla"]["tps"] / table[REFERENCE]["tps"], 3)
+    for m in (m for m in table if "@" in m and m.split("@")[0] in table):
+        out["speedup"][f"{m}/{m.split('@')[0]}"] = round(table[m]["tps"] / table[m.split("@")[0]]["tps"], 3)
     for m, ref in (("streaming-dllm", "fast-dllm-prefix"), ("dyllm", "vanilla"), ("es-dllm+streaming", "es-dllm"),
                    ("streaming-dllm", "vanilla")):
         if m in table and ref in table:
@@ -185,6 +196,20 @@ def _run(model: Transformer, prompts: list[list[int]], gen: int, block: int, met
         if gpu in out["device"]:
             out["bandwidth_floor_ms_per_forward"] = round(1000 * weights / (bw * 1e9), 3)
     return out
+
+
+def _runner(model: Transformer, name: str, mode: str | None, made: dict):
+    """(generate function, executor) of one bench row; compiled executors are shared between rows of a mode."""
+    if name == REFERENCE:
+        if mode:
+            raise ValueError(f"{REFERENCE} runs as its authors wrote it; @{mode} does not apply")
+        return reference_generate, model
+    if mode not in (None, "static", *MODES):
+        raise ValueError(f"unknown bench mode @{mode}; expected @static, @compile or @cuda-graphs")
+    if mode in MODES:
+        shared = next((ex for run, ex in made.values() if getattr(ex, "mode", None) == mode), None)
+        return generate, shared or compiled(model, mode)
+    return generate, model
 
 
 def _device_name(device: str) -> str:
@@ -204,9 +229,10 @@ def print_table(out: dict) -> None:
     src = f"model {out['model']}" if out.get("model") else f"preset {out['preset']}"
     print(f"{src}: batch {out['batch']}, prompt {out['prompt']}, gen {out['gen']}, "
           f"block {out['block']}, {out['dtype']}, {out['device']}, torch {out['torch']}")
-    print(f"{'method':<22}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}{'cache MiB':>10}")
+    w = max(22, 2 + max(map(len, out["methods"])))
+    print(f"{'method':<{w}}{'tok/s':>10}{'NFE':>6}{'tok/fwd':>9}{'rows/fwd':>10}{'ms/fwd':>9}{'s':>9}{'cache MiB':>10}")
     for m, v in out["methods"].items():
-        print(f"{m:<22}{v['tps']:>10.2f}{v['nfe']:>6}{v['tokens_per_forward']:>9.2f}"
+        print(f"{m:<{w}}{v['tps']:>10.2f}{v['nfe']:>6}{v['tokens_per_forward']:>9.2f}"
               f"{v['positions_per_forward']:>10.1f}{v['ms_per_forward']:>9.2f}{v['seconds']:>9.3f}{v['cache_mib']:>10.2f}")
     for k, v in out["speedup"].items():
         print(f"speedup {k}: {v:.2f}x")
@@ -216,7 +242,8 @@ def _cmd(ns) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     methods = (ns.methods or ",".join(LONG_METHODS if ns.preset == "cpu-long" else METHODS)).split(",")
-    unknown = [m for m in methods if m not in DECODE_PRESETS and m != REFERENCE]
+    methods += [f"{m}@{ns.compile}" for m in methods if ns.compile and m != REFERENCE and "@" not in m]
+    unknown = [m for m in methods if m.split("@")[0] not in DECODE_PRESETS and m != REFERENCE]
     if unknown:
         raise ValueError(f"unknown bench method(s) {unknown}; expected some of {[*DECODE_PRESETS, REFERENCE]}")
     if ns.preset and ns.model:
@@ -227,7 +254,7 @@ def _cmd(ns) -> int:
         preset = PRESETS[ns.preset]
         preset = dataclasses.replace(preset, batch=ns.batch or preset.batch, prompt=ns.prompt_length or preset.prompt,
                                      gen=ns.gen_length or preset.gen, block=ns.block_length or preset.block)
-        out = run_bench(preset, methods, ns.device, ns.rounds, progress=sys.stderr.isatty())
+        out = run_bench(preset, methods, ns.device, ns.rounds, progress=sys.stderr.isatty(), ops=ns.ops)
         out["preset"] = ns.preset
     else:
         if ns.prompt_length:
@@ -235,7 +262,7 @@ def _cmd(ns) -> int:
         from .pipeline import default_model
         out = run_bench_checkpoint(ns.model or default_model(), methods, ns.device, ns.dtype, batch=ns.batch or 8,
                                    gen=ns.gen_length or 64, block=ns.block_length or 32, rounds=ns.rounds or 2,
-                                   progress=sys.stderr.isatty())
+                                   progress=sys.stderr.isatty(), ops=ns.ops)
     if not ns.json:  # people get the table; the JSON line ends every run (--json: only it)
         print_table(out)
     print(json.dumps(out))
@@ -248,9 +275,12 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded models/llada-tiny)")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="random weights at this shape instead")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="with --model")
-    p.add_argument("--methods", default=None, help="comma list of decode presets (config.DECODE_PRESETS) or "
+    p.add_argument("--methods", default=None, help="comma list of decode presets (config.DECODE_PRESETS, each "
+                   "optionally @static, @compile or @cuda-graphs) or "
                    f"{REFERENCE} (default: {','.join(METHODS)}; cpu-long: {','.join(LONG_METHODS)})")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--ops", default=None, choices=["reference", "custom"],
+                   help="the op backend (default: custom, the Triton kernels, on CUDA; reference elsewhere)")
     p.add_argument("--json", action="store_true", help="print only the JSON line (no table)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default: the preset's, 2 with --model)")
     p.add_argument("--batch", type=int, default=None, help="prompts per generate call (default: the preset's, 8 with --model)")
@@ -258,4 +288,10 @@ def register(sub) -> None:
     p.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: the preset's, 64 with --model)")
     p.add_argument("--block-length", type=int, default=None, help="block size (default: the preset's, 32 with --model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", dest="compile", action="store_const", const="compile", default=None,
+                   help="also run every method through torch.compile (rows <method>@compile; "
+                        "<method>@static in --methods: eager with static shapes)")
+    g.add_argument("--cuda-graphs", dest="compile", action="store_const", const="cuda-graphs",
+                   help="also run every method compiled with CUDA-graph replay (rows <method>@cuda-graphs; GPU)")
     p.set_defaults(func=_cmd)

@@ -20,7 +20,8 @@ _MODULES = ("esdllm.runtime.bench", "esdllm.runtime.evaluate", "esdllm.build.cli
 def _generate(ns: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     cfg = decode_config(ns)
-    pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine)
+    pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine,
+                         compile=ns.compile, ops=ns.ops)
     res = pipe.generate(ns.prompt, cfg, chat=ns.chat, progress=sys.stderr.isatty() and not ns.json)
     st = res.stats.to_dict()
     if ns.json:

@@ -129,6 +129,10 @@ class DecodeConfig:
     saliency_tau: float = 0.99
     full_steps: int = 4
     prompt_period: int = 4
+    # shapes of every forward from host values only (batch, block, schedule), so a step never reads
+    # the device (GPU: no stalls, capturable). Same tokens; costs wider ES-dLLM keeps under threshold
+    # decoding (last step may have committed a whole block) and DyLLM computing every row
+    static_shapes: bool = False
 
     def __post_init__(self):
         err = _validate(self)

@@ -170,7 +170,8 @@ def _run(ns) -> int:
                      families=tuple(f.strip() for f in ns.families.split(",") if f.strip()),
                      natural_lengths=ns.gen_length is None,
                      batch_size=ns.batch_size, chat=ns.chat)
-    pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine)
+    pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine,
+                         compile=ns.compile, ops=ns.ops)
     t0 = time.perf_counter()
     result = evaluate(pipe, cfg, progress=sys.stderr.isatty() and not ns.json)
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)

@@ -37,9 +37,9 @@ class TorchExecutor:
         self.model = model
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype=None, device: str = "cpu") -> "TorchExecutor":
+    def load(cls, model_dir: str | Path, dtype=None, device: str = "cpu", ops: str | None = None) -> "TorchExecutor":
         from .weights import load_model
-        return cls(load_model(model_dir, dtype=dtype, device=device))
+        return cls(load_model(model_dir, dtype=dtype, device=device, ops=ops))
 
     @property
     def args(self) -> ModelArgs:
@@ -174,14 +174,16 @@ def args_from_dir(model_dir: str | Path) -> ModelArgs:
 
 
 def make_executor(kind: str, model_dir: str | Path | None = None, engine_dir: str | Path | None = None,
-                  dtype=None, device: str = "cpu", spec: EngineSpec | None = None):
-    """An executor of `kind`. torch loads model_dir; onnxruntime and tensorrt load the artifacts
-    (engine_dir, or an already read `spec`) and, when model_dir is given too, fail if they were built
-    for another model."""
+                  dtype=None, device: str = "cpu", spec: EngineSpec | None = None, ops: str | None = None):
+    """An executor of `kind`. torch loads model_dir (ops: its op backend, default the device's);
+    onnxruntime and tensorrt load the artifacts (engine_dir, or an already read `spec`) and, when
+    model_dir is given too, fail if they were built for another model."""
     if kind == "torch":
         if model_dir is None:
             raise ValueError("the torch executor needs a checkpoint directory (--model DIR)")
-        return TorchExecutor.load(model_dir, dtype=dtype, device=device)
+        return TorchExecutor.load(model_dir, dtype=dtype, device=device, ops=ops)
+    if ops is not None:
+        raise ValueError(f"--ops applies to the torch executor; the {kind} executor's ops are in its graphs")
     if kind not in KINDS:
         raise ValueError(f"unknown executor {kind!r}; expected one of {KINDS}")
     if spec is None:

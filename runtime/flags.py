@@ -18,6 +18,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                    help="what runs the forwards: torch eager, or the built graphs of --engine (default: torch)")
     p.add_argument("--engine", default=None, help="artifacts dir from `esdllm build` (onnxruntime / tensorrt)")
+    p.add_argument("--ops", default=None, choices=["reference", "custom"],
+                   help="torch executor's op backend: PyTorch reference or the custom ops (Triton kernels on "
+                        "CUDA) (default: custom on CUDA, reference elsewhere)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", dest="compile", action="store_const", const="compile", default=None,
+                   help="torch executor: run each forward through torch.compile (static shapes; slow first steps)")
+    g.add_argument("--cuda-graphs", dest="compile", action="store_const", const="cuda-graphs",
+                   help="torch executor on CUDA: torch.compile with CUDA-graph replay per forward kind and shape")
 
 
 def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
@@ -75,6 +83,9 @@ def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--full-steps", type=int, default=d.full_steps, help=f"dense forwards first (default {d.full_steps})")
     g.add_argument("--prompt-period", type=int, default=d.prompt_period,
                    help=f"query the prompt rows too every P forwards (default {d.prompt_period})")
+    g = p.add_argument_group("GPU execution")
+    g.add_argument("--static-shapes", action="store_true",
+                   help="forward shapes from host values only: no host syncs inside a step (implied by --compile)")
     p.set_defaults(**defaults)
 
 

@@ -49,6 +49,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
     what is decoded.
     """
     args, dev = executor.args, executor.device
+    if getattr(executor, "static_shapes", False) and not cfg.static_shapes:
+        cfg = cfg.replace(static_shapes=True)  # a compiled step needs shapes decided on the host
     x, P = _canvas(executor, prompts, cfg)
     B, L, bl = x.shape[0], x.shape[1], cfg.block_length
     n_blocks = cfg.gen_length // bl

@@ -64,15 +64,20 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, *, dtype=None, device: str = "cpu",
-             executor: str = "torch", engine_dir: str | Path | None = None) -> "Pipeline":
+             executor: str = "torch", engine_dir: str | Path | None = None,
+             compile: str | None = None, ops: str | None = None) -> "Pipeline":
+        """compile: None (eager), "compile" or "cuda-graphs" (runtime/compiled.py); ops: "reference" or
+        "custom" (plugins/backends.py; default the device's). Both for the torch executor."""
         from .artifacts import EngineSpec
+        from .compiled import compiled
         from .executors import make_executor
         from .tokenizer import load_tokenizer
         spec = EngineSpec.read(engine_dir) if engine_dir is not None else None  # read once per load
         if model_dir is None and spec is not None and spec.hf_dir and (spec.root / spec.hf_dir).is_dir():
             model_dir = spec.root / spec.hf_dir  # artifacts carry the checkpoint's config + tokenizer
         model_dir = Path(model_dir) if model_dir else default_model()
-        ex = make_executor(executor, model_dir=model_dir, dtype=dtype, device=device, spec=spec)
+        ex = compiled(make_executor(executor, model_dir=model_dir, dtype=dtype, device=device, spec=spec,
+                                    ops=ops), compile)
         return cls(ex, load_tokenizer(model_dir), model_dir)
 
     def encode(self, text: str, chat: bool = False, gen_length: int = 0) -> list[int]:

@@ -272,6 +272,7 @@ class ESDLLM(Vanilla):
         self.last = None          # [B, L + 1] bool, rows of the tokens committed in the previous step
         self.n_last = None        # [B]
         self.leftmost = None      # [B] leftmost row of the previous step's commits
+        self.prev_step = None     # the previous forward's step inside its block (host)
 
     def _init(self, x: Tensor) -> None:
         B, dev = x.shape[0], x.device
@@ -282,20 +283,26 @@ class ESDLLM(Vanilla):
         self.leftmost = torch.full((B,), self.L, dtype=torch.long, device=dev)
 
     def phase(self, step: int, step_cnt: int) -> tuple:
-        """(range, skip): the forward range (full canvas, prompt + blocks so far, block start, block)
-        and whether the prune layers skip rows (refresh periods are all-update steps, §1.4)."""
+        """(range, skip, last_max): the forward range (full canvas, prompt + blocks so far, block start,
+        block), whether the prune layers skip rows (refresh periods are all-update steps, §1.4), and
+        the most tokens a row can have committed last step (the keep bound of static shapes)."""
         cfg = self.cfg
+        # the most tokens a row can have committed last step, from host values only (static shapes):
+        # a count schedule's share per step, everything once a block runs past its schedule
+        prev, self.prev_step = self.prev_step, step
+        counted = cfg.threshold is None and cfg.factor is None and prev is not None and prev < self.steps
+        last_max = -(-cfg.block_length // self.steps) if counted else cfg.block_length
         if step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
-            return ("full", False)
+            return ("full", False, last_max)
         prompt = step_cnt % cfg.prompt_update_freq == 0
         skip = bool(self.schedule) and not prompt and step_cnt % cfg.block_update_freq != 0
-        return ("prompt" if prompt else "start" if step == 0 else "block", skip)
+        return ("prompt" if prompt else "start" if step == 0 else "block", skip, last_max)
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         cfg, sh, B, dev = self.cfg, self.sh, c.x.shape[0], c.x.device
         if self.conf is None:
             self._init(c.x)
-        span, skip = c.phase
+        span, skip, last_max = (*c.phase, c.bl)[:3]  # (span, skip) alone: last step may have taken the block
         if span == "full":
             idx, plan = self.full(c)
             plan.write_hidden = True
@@ -306,7 +313,7 @@ class ESDLLM(Vanilla):
         elif span == "start":  # re-run the rows decoded last step (they sit in the previous block)
             lo = torch.minimum(lo, self.leftmost)
         end = c.s + c.bl - self.row_shift  # the authors' rows end at e - shift (:431-432)
-        n = int((end - lo).max())
+        n = self._span_length(c, span) if cfg.static_shapes else int((end - lo).max())
         idx = (end - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's end
         idx = torch.where((idx >= lo[:, None]) & c.active[:, None], idx, self.trash)
         if self.window is not None and span != "block":  # block starts recompute the kept suffix
@@ -322,9 +329,15 @@ class ESDLLM(Vanilla):
         keep, alive = {}, n
         for layer, p in sorted(self.schedule.items()):
             k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)  # :462
-            k_row[~c.active] = 0
-            k = int(k_row.max())
-            if k < alive:  # only layers that really prune; past them the kept rows reach the head
+            k_row = torch.where(c.active, k_row, 0)
+            if cfg.static_shapes:  # k_row's bound from host values (n, p, last step's most commits);
+                k_max, k_min = min(n, max(math.floor(p * n), min(last_max + 2, c.bl))), 0  # any row may prune
+            else:
+                k_max, k_min = torch.stack([k_row.max(), torch.where(c.active, k_row, n).min()]).tolist()
+            # a layer is listed where some row prunes, each row to its own count: a batch mate that
+            # keeps everything must not spare a row its pruning (README "Batch invariance")
+            if k_min < alive:
+                k = min(k_max, alive)
                 keep[layer] = torch.arange(k, device=dev)[None, :] < k_row[:, None]
                 alive = k
         if not keep:
@@ -333,15 +346,23 @@ class ESDLLM(Vanilla):
                         bonus=self._bonus(c), top2=top2_bonus(cfg.alpha), key_slots=self.keys(c))
         return idx, plan
 
+    def _span_length(self, c: StepContext, span: str) -> int:
+        """The forward's row count from host values (static shapes): block steps forward the block
+        (from s - shift), prompt refreshes everything before the block end, and a block start at most
+        two blocks: last step's tokens lie in the previous block (right-aligned; the rest is trash)."""
+        e_max = max(c.s_host) + c.bl - self.row_shift
+        if span == "block":
+            return c.bl + self.sh - self.row_shift
+        return e_max if span == "prompt" else min(e_max, max(2 * c.bl, c.bl + self.sh - self.row_shift))
+
     def _bonus(self, c: StepContext) -> Tensor:
         """[B, L + 1] constant bonuses by row (§1.3 step 3; generate.py:492-503), assigned in the
         authors' order; the +2 for the two most confident rows is per prune layer (StepPlan.top2,
         early_skipping.py:86, 170). The trash slot never outranks a real row."""
         bonus = torch.zeros_like(self.conf)
         masked = c.x.gather(1, c.cols) == self.args.mask_id  # +5: the row predicting the leftmost masked position
-        has = masked.any(1)
-        left = masked.float().argmax(1) + c.s - self.sh
-        bonus[has, left[has]] = 5.0
+        left = torch.where(masked.any(1), masked.float().argmax(1) + c.s - self.sh, self.trash)
+        bonus.scatter_(1, left[:, None], 5.0)  # rows with no masked position mark the trash (reset below)
         if self.cfg.alpha < 1:  # +3: rows of last step's tokens, so their K/V are recomputed
             bonus = torch.where(self.last, 3.0, bonus)
         bonus[:, self.trash] = -1e4
@@ -371,7 +392,7 @@ class ESDLLM(Vanilla):
         # Rows idle this step (block already done) keep their state, as they would alone.
         a = c.active
         committed_rows = (c.cols - self.row_shift).clamp(0, L)
-        self.last[a] = False
+        self.last &= ~a[:, None]
         self.last.scatter_(1, committed_rows, self.last.gather(1, committed_rows) | (chosen & a[:, None]))
         self.n_last = torch.where(a, chosen.sum(1), self.n_last)
         self.leftmost = torch.where(a, torch.where(chosen, committed_rows, L).min(1).values, self.leftmost)
@@ -414,12 +435,12 @@ class DyLLM(Vanilla):
         # tau >= 1 declares every row salient: nothing is reused, the exact limit of the method
         changed = self.last.gather(1, idx) if self.cfg.saliency_tau < 1 else torch.ones_like(idx, dtype=torch.bool)
         plan.salient = changed & (idx != self.trash)
-        plan.tau = self.cfg.saliency_tau
+        plan.tau, plan.padded = self.cfg.saliency_tau, self.cfg.static_shapes
         return idx, plan
 
     def update(self, c: StepContext, pred: Tensor, conf: Tensor, delayed: Tensor | None, chosen: Tensor) -> None:
         a = c.active
-        self.last[a] = False
+        self.last &= ~a[:, None]
         self.last.scatter_(1, c.cols, self.last.gather(1, c.cols) | (chosen & a[:, None]))
 
 

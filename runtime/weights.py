@@ -222,12 +222,15 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def load_model(path, dtype=None, device="cpu") -> Transformer:
+def load_model(path, dtype=None, device="cpu", ops: str | None = None) -> Transformer:
     """Load a Hugging Face LLaDA / Dream checkpoint directory into our Transformer (eval mode).
 
     dtype None: the checkpoint's torch_dtype (float32 when absent). Every tensor is matched by its
-    exact HF name; a missing, unexpected or mis-shaped tensor is an error naming it.
+    exact HF name; a missing, unexpected or mis-shaped tensor is an error naming it. ops: the op
+    backend, "reference" or "custom" (None: the device's default, plugins/backends.for_device).
     """
+    from ..plugins.backends import by_name, for_device
+    backend = for_device(device) if ops is None else by_name(ops)
     path = Path(path)
     cfg = _read_json(path / "config.json", "config.json")
     family = _family(cfg)
@@ -246,7 +249,7 @@ def load_model(path, dtype=None, device="cpu") -> Transformer:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ValueError(f"checkpoint {path} has unexpected tensor {unexpected[0]!r}{more}")
     with torch.device("meta"):  # no allocation: real tensors are assigned below
-        model = Transformer(args)
+        model = Transformer(args, ops=backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     by_file = {f: [n for n in table if files[n] == f] for f in sorted(set(files.values()))}
     for file, names in by_file.items():  # headers only: fail before reading gigabytes
