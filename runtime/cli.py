@@ -1,6 +1,6 @@
 """`esdllm` command line: the only place with argparse. Each flag maps 1:1 onto a dataclass field.
 
-Subcommands: generate, bench (here); eval, build, serve, client, bench-serve, soak (registered by their
+Subcommands: generate, lm-eval, bench (here); eval, build, serve, client, bench-serve, soak (registered by their
 modules, imported only when the command line is built so a missing optional extra names itself).
 """
 from __future__ import annotations
@@ -37,6 +37,15 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: list[str]) -> int:
+    try:
+        from . import lmeval  # registers the "esdllm" model with lm_eval
+    except ImportError as e:
+        print(f"esdllm lm-eval: needs lm-eval (pip install 'esdllm[eval]'): {e}", file=sys.stderr)
+        return 2
+    return lmeval.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="esdllm", description="Serve diffusion LLMs fast (ES-dLLM, Fast-dLLM).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -48,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON line with text, token ids and stats")
     add_decode_args(g)
     g.set_defaults(func=_generate)
+    h = sub.add_parser("lm-eval", help="lm-evaluation-harness with the esdllm model (lm_eval's own arguments)",
+                       epilog="example: esdllm lm-eval --model esdllm --model_args method=es-dllm,threshold=0.9 "
+                              "--tasks gsm8k --batch_size 8", add_help=False)
+    h.add_argument("args", nargs=argparse.REMAINDER, help="passed to lm_eval (try --help)")
+    h.set_defaults(func=lambda ns: _lm_eval(ns.args))  # main() hands lm_eval its arguments untouched
     for mod in _MODULES:
         try:
             importlib.import_module(mod).register(sub)
@@ -67,6 +81,9 @@ def _unavailable(name, err):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm_eval parses its own arguments (--help included)
+        return _lm_eval(argv[1:])
     ns = build_parser().parse_args(argv)
     try:
         return int(ns.func(ns) or 0)

@@ -65,25 +65,39 @@ def _agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / n
 
 
-def evaluate(pipe, cfg: EvalConfig, progress: bool = False) -> dict:
-    """Every method of cfg on cfg.n held-out problems of each family, with `pipe` (a runtime Pipeline)."""
+def evaluate(pipe, cfg: EvalConfig, progress: bool = False, sweep: bool = False) -> dict:
+    """Every method of cfg on cfg.n held-out problems of each family, with `pipe` (a runtime Pipeline).
+    sweep: every point of runtime/sweep.py's curves instead of cfg.methods, and each family's frontier."""
+    from . import sweep as SW
+    plans = {}
+    for f in cfg.families:
+        gen = cfg.gen_length_of(f)
+        plans[f] = SW.points(gen, min(cfg.block_length, gen)) if sweep else None
     bar = None
     if progress:
         from tqdm import tqdm
-        total = len(cfg.families) * -(-cfg.n // cfg.batch_size) * len(cfg.methods)
-        bar = tqdm(total=total, desc="eval", unit="call", file=sys.stderr)
-    fams = {f: _evaluate_family(pipe, cfg, f, bar) for f in cfg.families}
+        per_family = [len(plans[f]) if sweep else len(cfg.methods) for f in cfg.families]
+        bar = tqdm(total=-(-cfg.n // cfg.batch_size) * sum(per_family), desc="eval", unit="call", file=sys.stderr)
+    fams = {}
+    for f in cfg.families:
+        if sweep:
+            fams[f] = _evaluate_family(pipe, cfg, f, bar, {m: p[3] for m, p in plans[f].items()})
+            for m, (curve, knob, value, _) in plans[f].items():
+                fams[f]["methods"][m].update(curve=curve, knob=knob, value=value)
+            fams[f]["frontier"] = SW.frontier(fams[f]["methods"])
+        else:
+            fams[f] = _evaluate_family(pipe, cfg, f, bar)
     if bar is not None:
         bar.close()
     return {"model": str(pipe.model_dir), "family": pipe.args.family, "n": cfg.n, "seed": cfg.seed,
             "split": "heldout", "block_length": cfg.block_length, "batch_size": cfg.batch_size, "chat": cfg.chat,
             "dtype": str(pipe.executor.dtype).removeprefix("torch."), "device": str(pipe.executor.device),
-            "families": fams}
+            "sweep": sweep, "families": fams}
 
 
-def _evaluate_family(pipe, cfg: EvalConfig, family: str, bar) -> dict:
+def _evaluate_family(pipe, cfg: EvalConfig, family: str, bar, dcfgs: dict | None = None) -> dict:
     probs = task.problems(cfg.seed, cfg.n, split="heldout", family=family)
-    dcfgs = cfg.decode_configs(family)
+    dcfgs = dcfgs or cfg.decode_configs(family)
     batches = [probs[i: i + cfg.batch_size] for i in range(0, len(probs), cfg.batch_size)]
     for m, dc in dcfgs.items():  # warm-up: first calls pay for allocation and lazy init
         pipe.generate([probs[0].prompt], dc.replace(gen_length=dc.block_length, steps=None), chat=cfg.chat)
@@ -100,7 +114,7 @@ def _evaluate_family(pipe, cfg: EvalConfig, family: str, bar) -> dict:
             r["calls"] += 1
             if bar is not None:
                 bar.update(1)
-    ref = acc["vanilla"]["ids"] if "vanilla" in acc else None
+    ref = next((acc[m]["ids"] for m in ("vanilla", "vanilla k1") if m in acc), None)
     methods = {}
     for m, r in acc.items():
         per_op = {op: [h for h, p in zip(r["hits"], probs) if p.op == op] for op in task.FAMILY_OPS[family]}
@@ -119,7 +133,8 @@ def _evaluate_family(pipe, cfg: EvalConfig, family: str, bar) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'family':<7}{'method':<18}{'accuracy':>9}{'agree':>8}{'NFE':>8}{'tok/fwd':>9}{'tok/s':>10}  per op"
+    w = max([18] + [len(m) + 2 for fr in result["families"].values() for m in fr["methods"]])
+    head = f"{'family':<7}{'method':<{w}}{'accuracy':>9}{'agree':>8}{'NFE':>8}{'tok/fwd':>9}{'tok/s':>10}  per op"
     lines = [f"{result['model']} ({result['family']}): {result['n']} held-out problems per family, seed "
              f"{result['seed']}, block {result['block_length']}, batch {result['batch_size']}, "
              f"{result['dtype']} on {result['device']}", head, "-" * len(head)]
@@ -127,7 +142,7 @@ def format_table(result: dict) -> str:
         for m, r in fr["methods"].items():
             agree = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
             ops = " ".join(f"{op}={v:.2f}" for op, v in r["per_op"].items()) if len(r["per_op"]) > 1 else ""
-            lines.append(f"{fam:<7}{m:<18}{r['accuracy']:>9.3f}{agree:>8}{r['nfe']:>8.1f}"
+            lines.append(f"{fam:<7}{m:<{w}}{r['accuracy']:>9.3f}{agree:>8}{r['nfe']:>8.1f}"
                          f"{r['tokens_per_forward']:>9.2f}{r['tokens_per_second']:>10.1f}  {ops}")
     return "\n".join(lines)
 
@@ -173,12 +188,18 @@ def _run(ns) -> int:
     pipe = Pipeline.load(ns.model, dtype=ns.dtype, device=ns.device, executor=ns.executor, engine_dir=ns.engine,
                          compile=ns.compile, ops=ns.ops)
     t0 = time.perf_counter()
-    result = evaluate(pipe, cfg, progress=sys.stderr.isatty() and not ns.json)
+    result = evaluate(pipe, cfg, progress=sys.stderr.isatty() and not ns.json, sweep=ns.sweep)
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if ns.plot:
-        result["plot"] = str(plot(result, ns.plot))
+        from . import sweep
+        result["plot"] = str((sweep.plot if ns.sweep else plot)(result, ns.plot))
     if not ns.json:
         print(format_table(result))
+        for fam, fr in result["families"].items() if ns.sweep else ():
+            f = fr["frontier"]
+            print(f"{fam}: fastest within 2 points of vanilla ({f['reference_accuracy']:.3f}): "
+                  f"{f['fastest_within_2_points']} at {f['accuracy']:.3f}, {f['tokens_per_second']:.0f} tok/s "
+                  f"({f['speedup_over_reference']:.2f}x)")
         if ns.plot:
             print(f"plot: {result['plot']}")
     print(json.dumps(result, sort_keys=True))
@@ -204,4 +225,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the checkpoint's chat template")
     p.add_argument("--plot", default="esdllm-eval.png", help="PNG path for accuracy vs tokens/s ('' to skip)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--sweep", action="store_true",
+                   help="every method along its speed knob (runtime/sweep.py) instead of --methods; the plot "
+                        "becomes the accuracy-vs-speed frontier per family")
     p.set_defaults(func=_run)
