@@ -54,6 +54,14 @@ class Cache:
         ts += [t for t in (self.dv, self.positions, self.key_valid) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def set_row(self, row: int, length: int) -> None:
+        """Row `row` holds a canvas of `length` slots from slot 0 (prompt, then its generation); the
+        slots after it are not keys. Its K/V and hidden caches are left as they are: a request's
+        first forward writes every slot it will read."""
+        ar = torch.arange(self.length + 1, device=self.positions.device)
+        self.positions[row] = torch.where(ar < length, ar, 0)
+        self.key_valid[row] = ar < length
+
     def set_layout(self, pad_lens: Tensor) -> None:
         """pad_lens: [B] int, number of left-padding slots per row."""
         ar = torch.arange(self.length, device=self.positions.device)
@@ -116,8 +124,10 @@ class StepContext:
     x: [B, L] canvas (mask_id where undecided), written by the policy's commit; s: [B] int64 start of
     each row's current block, s_host the same on the host (shapes are decided from host values); bl:
     block length; step: [B] each row's step inside its block; phase: what kind of forward this is
-    (Policy.phase, the same for every row); active: [B] bool, rows that decode (the others idle on
-    the trash slot); gen_start: the canvas column where generation begins (prompts are left-padded).
+    (Policy.phase, the same for every row of a forward); active: [B] bool, rows that decode (the
+    others idle on the trash slot); gen_start: the canvas column where generation begins, one int
+    for every row or [B]; end, end_host: [B] where each row's canvas ends (None: at L). Host lists
+    hold active rows' values (the idle rows repeat one of them), so they never widen a shape.
     """
 
     x: Tensor
@@ -127,7 +137,32 @@ class StepContext:
     step: Tensor
     phase: object
     active: Tensor
-    gen_start: int
+    gen_start: int | Tensor
+    end: Tensor | None = None
+    end_host: list[int] | None = None
+    start_host: list[int] | None = None   # gen_start on the host when it is a tensor
+
+    @property
+    def ends(self) -> Tensor:
+        """[B] int64: each row's canvas end (generation end)."""
+        if self.end is None:
+            return torch.full_like(self.s, self.x.shape[1])
+        return self.end
+
+    @property
+    def ends_host(self) -> list[int]:
+        return self.end_host if self.end_host is not None else [self.x.shape[1]] * len(self.s_host)
+
+    @property
+    def starts_host(self) -> list[int]:
+        g = self.gen_start
+        return self.start_host if isinstance(g, Tensor) else [g] * len(self.s_host)
+
+    @property
+    def starts(self) -> Tensor:
+        """[B] int64: each row's generation start."""
+        g = self.gen_start
+        return g if isinstance(g, Tensor) else torch.full_like(self.s, g)
 
     @property
     def cols(self) -> Tensor:

@@ -40,31 +40,34 @@ class SuffixWindow:
     (true RoPE positions, so the model still sees the target length); a suffix of at most w positions
     is kept whole, with no extra tail."""
 
-    def __init__(self, w: int, trailing: bool, gen_end: int, trash: int):
-        self.w, self.trailing, self.gen_end, self.trash = w, trailing, gen_end, trash
+    def __init__(self, w: int, trailing: bool, trash: int):
+        self.w, self.trailing, self.trash = w, trailing, trash
 
-    def rows(self, e: Tensor, e_min: int) -> Tensor:
-        """[B, n] kept suffix slots after block ends e [B] (trash where there is nothing); n is what
-        the row with the earliest block end (e_min, on the host) keeps."""
-        n_near = max(0, min(self.w, self.gen_end - e_min))
+    def rows(self, e: Tensor, end: Tensor, room: int) -> Tensor:
+        """[B, n] kept suffix slots after block ends e [B] (trash where there is nothing); end [B]:
+        each row's generation end; room: the longest suffix (end - e) of the rows (host), so n is
+        what the row with the most suffix keeps."""
+        n_near = max(0, min(self.w, room))
         near = e[:, None] + torch.arange(n_near, device=e.device)
-        near = torch.where(near < self.gen_end, near, self.trash)
-        if not (self.trailing and self.gen_end - e_min > self.w):
+        near = torch.where(near < end[:, None], near, self.trash)
+        if not (self.trailing and room > self.w):
             return near
-        tail = torch.where(self.gen_end - e > self.w, self.gen_end - 1, self.trash)[:, None]
+        tail = torch.where(end - e > self.w, end - 1, self.trash)[:, None]
         return torch.cat([near, tail], 1)
 
-    def key_slots(self, e: Tensor, e_min: int, e_max: int) -> Tensor | None:
+    def key_slots(self, e: Tensor, end: Tensor, room: int, e_max: int) -> Tensor | None:
         """[B, nk] the key slots a forward attends to: the prefix and block (< e), then the kept
-        suffix, in canvas order (trash where a row has fewer); None when no row prunes a key. The
-        pruned keys are left out of the attention, not masked in it, so they cost nothing; nk
-        depends on the block ends only, so a row's reduction length does not depend on its batch
-        mates' contents (README "Batch invariance")."""
-        if e_min + self.w >= self.gen_end:  # every row keeps its whole suffix
+        suffix, in canvas order, then the trash where a row has fewer; None when no row prunes a key.
+        The pruned keys are left out of the attention, not masked in it, so they cost nothing; a
+        row's real keys come first, so its reduction is the one it has alone (README "Batch
+        invariance")."""
+        if room <= self.w:  # every row keeps its whole suffix
             return None
         near = torch.arange(e_max, device=e.device).expand(e.shape[0], e_max)
         near = torch.where(near < e[:, None], near, self.trash)
-        return torch.cat([near, self.rows(e, e_min)], 1)
+        slots = torch.cat([near, self.rows(e, end, room)], 1)
+        order = torch.sort((slots == self.trash).to(torch.int8), dim=1, stable=True).indices
+        return slots.gather(1, order)
 
 
 def _from(start: Tensor, n: int, limit, active: Tensor, trash: int) -> Tensor:
@@ -89,36 +92,46 @@ class Vanilla:
         self.rule = S.make_rule(cfg.replace(threshold=cfg.resolved("threshold")), self.sampler, gen)
         self.quota = None  # [B, steps] LLaDA's tokens per step of each row's current block
         w = cfg.resolved("suffix_window")
-        self.window = SuffixWindow(w, cfg.trailing, L, trash) if w is not None else None
+        self.window = SuffixWindow(w, cfg.trailing, trash) if w is not None else None
         self.tau0, self.dyn_alpha = cfg.resolved("threshold"), cfg.resolved("dynamic_alpha")
 
     # --- planning ---------------------------------------------------------------------------
 
-    def phase(self, step: int, step_cnt: int) -> str:
-        """The kind of forward a row at this step needs (rows of one forward share it)."""
+    def phase(self, step: int, step_cnt: int, prev_step: int | None = None) -> str:
+        """The kind of forward a row needs at this step of its block, its step_cnt-th forward, after
+        a forward at step prev_step (rows of one forward share it)."""
         return "full"
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Rows `rows` take new requests: forget what earlier ones left in the policy's state."""
+
+    @staticmethod
+    def room(c: StepContext) -> int:
+        """The longest suffix after a row's block (host): generation end minus block end."""
+        return max(end - s - c.bl for end, s in zip(c.ends_host, c.s_host))
 
     def full(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         """The whole canvas; with a suffix window the prefix, the block and the kept suffix only."""
         B, dev = c.x.shape[0], c.x.device
         head = (c.s - self.sh)[:, None] + torch.arange(c.bl, device=dev)
+        head = torch.where(c.active[:, None], head, 0)  # an idle row's block may lie past this forward's rows
         zero = torch.zeros(B, dtype=torch.long, device=dev)
         if self.window is None:
-            return _from(zero, self.L, self.L, c.active, self.trash), StepPlan(head=head)
+            return _from(zero, max(c.ends_host), c.ends, c.active, self.trash), StepPlan(head=head)
         e = c.s + c.bl
         idx = self.with_suffix(c, _from(zero, max(c.s_host) + c.bl, e, c.active, self.trash))
         return idx, StepPlan(head=head, key_slots=self.keys(c))
 
     def with_suffix(self, c: StepContext, idx: Tensor) -> Tensor:
         """idx [B, n] followed by the window's kept suffix rows (trash for idle rows)."""
-        kept = self.window.rows(c.s + c.bl, min(c.s_host) + c.bl)
+        kept = self.window.rows(c.s + c.bl, c.ends, self.room(c))
         return torch.cat([idx, torch.where(c.active[:, None], kept, self.trash)], 1)
 
     def keys(self, c: StepContext) -> Tensor | None:
         """StepPlan.key_slots: with a suffix window the prefix, the block and the kept suffix."""
         if self.window is None:
             return None
-        return self.window.key_slots(c.s + c.bl, min(c.s_host) + c.bl, max(c.s_host) + c.bl)
+        return self.window.key_slots(c.s + c.bl, c.ends, self.room(c), max(c.s_host) + c.bl)
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         return self.full(c)
@@ -165,10 +178,9 @@ class Vanilla:
         """[B] float64: masked share of each row's block and kept (or whole remaining) suffix."""
         region = c.cols
         if self.window is not None:
-            region = torch.cat([region, self.window.rows(c.s + c.bl, min(c.s_host) + c.bl)], 1)
+            region = torch.cat([region, self.window.rows(c.s + c.bl, c.ends, self.room(c))], 1)
         else:
-            region = torch.cat([region, _from(c.s + c.bl, self.L - min(c.s_host) - c.bl, self.L, c.active,
-                                              self.trash)], 1)
+            region = torch.cat([region, _from(c.s + c.bl, max(0, self.room(c)), c.ends, c.active, self.trash)], 1)
         real = region != self.trash
         m = (torch.cat([c.x, c.x[:, :1]], 1).gather(1, region) == self.args.mask_id) & real
         return m.sum(1).double() / real.sum(1).clamp_min(1)
@@ -185,7 +197,7 @@ class FastDLLM(Vanilla):
     """Fast-dLLM prefix / dual cache, refreshed by a full forward at each block start (and every
     `cache_refresh` steps inside a block when that is set: 1 reproduces vanilla exactly)."""
 
-    def phase(self, step: int, step_cnt: int) -> str:
+    def phase(self, step: int, step_cnt: int, prev_step: int | None = None) -> str:
         every = self.cfg.cache_refresh
         full = self.cfg.cache == "none" or step == 0 or (every and step % every == 0)
         return "full" if full else self.cfg.cache
@@ -199,11 +211,11 @@ class FastDLLM(Vanilla):
         sh = self.sh if self.start_shift else 0
         # dual: the block (from s - shift); prefix: the block and the suffix (the kept suffix, windowed)
         if c.phase == "dual" or self.window is not None:
-            idx = _from(c.s - sh, c.bl + sh, self.L, c.active, self.trash)
+            idx = _from(c.s - sh, c.bl + sh, c.ends, c.active, self.trash)
             if c.phase == "prefix":
                 idx = self.with_suffix(c, idx)
         else:
-            idx = _from(c.s - sh, self.L - min(c.s_host) + sh, self.L, c.active, self.trash)
+            idx = _from(c.s - sh, self.room(c) + c.bl + sh, c.ends, c.active, self.trash)
         return idx, StepPlan(head=_span(B, 0, c.bl, dev), key_slots=self.keys(c))
 
 
@@ -218,7 +230,7 @@ class StreamingDLLM(FastDLLM):
 
     start_shift = False
 
-    def phase(self, step: int, step_cnt: int) -> str:
+    def phase(self, step: int, step_cnt: int, prev_step: int | None = None) -> str:
         return "full" if step == 0 else "prefix"
 
     def choose(self, c: StepContext, C: Tensor, cand: Tensor, masked: Tensor) -> Tensor:
@@ -272,7 +284,6 @@ class ESDLLM(Vanilla):
         self.last = None          # [B, L + 1] bool, rows of the tokens committed in the previous step
         self.n_last = None        # [B]
         self.leftmost = None      # [B] leftmost row of the previous step's commits
-        self.prev_step = None     # the previous forward's step inside its block (host)
 
     def _init(self, x: Tensor) -> None:
         B, dev = x.shape[0], x.device
@@ -282,15 +293,22 @@ class ESDLLM(Vanilla):
         self.n_last = torch.zeros(B, dtype=torch.long, device=dev)
         self.leftmost = torch.full((B,), self.L, dtype=torch.long, device=dev)
 
-    def phase(self, step: int, step_cnt: int) -> tuple:
+    def reset_rows(self, rows: list[int]) -> None:
+        if self.conf is not None:
+            self.conf[rows] = 0.0
+            self.conf[rows, self.trash] = -1.0
+            self.last[rows] = False
+            self.n_last[rows] = 0
+            self.leftmost[rows] = self.L
+
+    def phase(self, step: int, step_cnt: int, prev_step: int | None = None) -> tuple:
         """(range, skip, last_max): the forward range (full canvas, prompt + blocks so far, block start,
         block), whether the prune layers skip rows (refresh periods are all-update steps, §1.4), and
         the most tokens a row can have committed last step (the keep bound of static shapes)."""
         cfg = self.cfg
         # the most tokens a row can have committed last step, from host values only (static shapes):
         # a count schedule's share per step, everything once a block runs past its schedule
-        prev, self.prev_step = self.prev_step, step
-        counted = cfg.threshold is None and cfg.factor is None and prev is not None and prev < self.steps
+        counted = cfg.threshold is None and cfg.factor is None and prev_step is not None and prev_step < self.steps
         last_max = -(-cfg.block_length // self.steps) if counted else cfg.block_length
         if step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
             return ("full", False, last_max)
@@ -373,7 +391,9 @@ class ESDLLM(Vanilla):
         has no EOS yet, gets confidence 0. -> [B, m] bool over the head rows."""
         if not self.cfg.delay_eos:
             return None
-        has_eos = (c.x[:, c.gen_start:] == self.args.eos_id).any(1)
+        col = torch.arange(c.x.shape[1], device=c.x.device)
+        in_gen = (col >= c.starts[:, None]) & (col < c.ends[:, None])
+        has_eos = ((c.x == self.args.eos_id) & in_gen).any(1)
         prev = torch.cat([c.x, c.x[:, :1]], 1).gather(1, (pred - 1).clamp(0, self.L))
         return (x0 == self.args.eos_id) & (prev == self.args.mask_id) & ~has_eos[:, None]
 
@@ -415,7 +435,11 @@ class DyLLM(Vanilla):
         self.rule = S.make_rule(cfg, "llada", gen)
         self.last = None  # [B, L + 1] bool: slots of last step's tokens (their inputs changed)
 
-    def phase(self, step: int, step_cnt: int) -> str:
+    def reset_rows(self, rows: list[int]) -> None:
+        if self.last is not None:
+            self.last[rows] = False
+
+    def phase(self, step: int, step_cnt: int, prev_step: int | None = None) -> str:
         f, cfg = step_cnt + 1, self.cfg  # the forward's number in the request
         if f <= cfg.full_steps:
             return "full"
@@ -429,9 +453,10 @@ class DyLLM(Vanilla):
             plan.write_context = True
             return idx, plan
         if c.phase == "response":
-            start = c.gen_start - self.sh
-            idx = _from(torch.full_like(c.s, start), self.L - start, self.L, c.active, self.trash)
-            plan.head = plan.head - start
+            start = c.starts - self.sh
+            n = max(end - g for end, g in zip(c.ends_host, c.starts_host)) + self.sh
+            idx = _from(start, n, c.ends, c.active, self.trash)
+            plan.head = torch.where(c.active[:, None], plan.head - start[:, None], 0)
         # tau >= 1 declares every row salient: nothing is reused, the exact limit of the method
         changed = self.last.gather(1, idx) if self.cfg.saliency_tau < 1 else torch.ones_like(idx, dtype=torch.bool)
         plan.salient = changed & (idx != self.trash)

@@ -30,13 +30,18 @@ def test_vanilla_commits_schedule_inside_block(model):
     cfg = DecodeConfig(gen_length=16, block_length=8, steps=8, sampler="llada")
     spy = Spy(model)
     out = generate(spy, PROMPTS[:2], cfg)
-    P, mask = 5, model.args.mask_id
-    masks = [int((t[:, P:] == mask).sum()) for t, *_ in spy.calls] + [int((out.tokens == mask).sum())]
+    mask = model.args.mask_id
+    starts = [len(p) for p in PROMPTS[:2]]  # each row's canvas: its prompt from slot 0, then 16 tokens
+
+    def region(t, b, lo=0, hi=16):  # row b's generation columns [lo, hi) in a vanilla forward's tokens
+        return t[b, starts[b] + lo: starts[b] + hi]
+    masks = [sum(int((region(t, b) == mask).sum()) for b in range(2)) for t, *_ in spy.calls]
+    masks.append(int((out.tokens == mask).sum()))
     assert [a - b for a, b in zip(masks, masks[1:])] == [4] * 8  # 2 tokens a step, 2 rows
     for i, (t, *_) in enumerate(spy.calls):
         blk = i // 4
-        later = t[:, P + (blk + 1) * 8:]
-        assert bool((later == mask).all()), "a block committed outside itself"
+        later = [region(t, b, (blk + 1) * 8) for b in range(2)]
+        assert all(bool((r == mask).all()) for r in later), "a block committed outside itself"
     assert out.stats.nfe == 8 and not bool((out.tokens == mask).any())
 
 

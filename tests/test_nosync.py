@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esdllm.runtime import engine as E
 from esdllm.runtime import generate as G
 from esdllm.runtime import task
 from esdllm.runtime.compiled import CompiledExecutor, compiled
@@ -42,13 +43,13 @@ def _guarded(monkeypatch, ex):
                 return fn(*a, **kw)
         return run
     monkeypatch.setattr(ex, "step", wrap(ex.step))
-    make = G.make_policy
+    make = E.make_policy
 
     def make_guarded(*a, **kw):
         pol = make(*a, **kw)
         pol.plan, pol.commit = wrap(pol.plan), wrap(pol.commit)
         return pol
-    monkeypatch.setattr(G, "make_policy", make_guarded)
+    monkeypatch.setattr(E, "make_policy", make_guarded)
 
 
 def _prompts(pipe, n=3):

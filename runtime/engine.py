@@ -1,0 +1,307 @@
+"""The in-flight engine: a slot table of requests, each decoding at its own block and step, advanced
+one denoising step at a time by `step()`.
+
+    eng = Engine(executor, max_batch=8, max_len=512)
+    h = eng.submit(prompt_ids, DecodeConfig(method="es-dllm", threshold=0.9), stop_ids={eos})
+    while eng.busy(): eng.step()          # each call: one step for every active request
+    eng.result(h).tokens
+
+Layout. A lane holds the requests of one DecodeConfig: one canvas [max_batch, max_len] and one
+Cache of max_batch rows (+ the trash slot), one batched policy. A request's row holds its prompt
+from slot 0, then its generation, then nothing (slots that are not keys), exactly the canvas it
+has alone, so its arithmetic is the one it has alone: its tokens do not depend on who joins or
+leaves around it, nor on when it arrives (greedy, float32).
+
+A step. Every active request needs some kind of forward (Policy.phase: a full forward at a block
+start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane that need the same kind
+share one forward; the lane's other rows idle on the trash slot in it. So a step costs one forward
+per (lane, kind) present: at most 2 for fast-dllm (block starts, block steps), 1 for vanilla. A request
+that joins does its own first forward while the others take their cached steps. A request is done
+when its last block is decided, when early exit finds EOS in a finished block, or when cancelled;
+its row is free for the next request at the following step.
+
+Events. step() returns the events of the step: (handle, kind) with kind "block" (a block of the
+request was decided), "prefix" (its decided prefix grew, with stream_steps) or "done".
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cache import StepContext
+from .config import DecodeConfig, Stats
+from .policies import make_policy
+
+
+@dataclass
+class Request:
+    """One request's host-side state (its device state is its row in a lane)."""
+    id: int
+    prompt: list[int]
+    cfg: DecodeConfig
+    stop_ids: set[int]
+    stream_steps: bool = False
+    lane: "Lane | None" = None
+    row: int = -1
+    blk: int = 0                 # current block
+    step: int = 0                # step inside the current block
+    step_cnt: int = 0            # this request's forwards so far, aligned to blocks (refresh periods)
+    prev_step: int | None = None  # step inside its block of this request's previous forward
+    done: bool = False
+    cancelled: bool = False
+    error: str | None = None
+    streamed: int = 0            # decided-prefix length at the last "prefix" event
+    tokens: list[int] | None = None  # the generation region, once done
+    nfe: int = 0
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_done: float = 0.0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.cfg.gen_length // self.cfg.block_length
+
+    @property
+    def start(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def end(self) -> int:
+        return len(self.prompt) + self.cfg.gen_length
+
+
+class Lane:
+    """The rows of one DecodeConfig: canvas, cache, policy and the slot table."""
+
+    def __init__(self, executor, cfg: DecodeConfig, max_batch: int, max_len: int, seed_gen: torch.Generator):
+        args, dev = executor.args, executor.device
+        self.cfg, self.executor, self.max_batch, self.L = cfg, executor, max_batch, max_len
+        self.policy = make_policy(cfg, args, max_len, trash=max_len, gen=seed_gen)
+        self.cfg_pair = 2 if cfg.cfg_scale > 0 else 1  # LLaDA's guidance runs an unconditioned copy
+        self.cache = executor.new_cache(max_batch * self.cfg_pair, max_len, self.policy.hidden_layers,
+                                        **({"saliency": True} if self.policy.saliency else {}))
+        self.x = torch.full((max_batch, max_len), args.pad_id, dtype=torch.long, device=dev)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.s = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.start = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.end = torch.zeros(max_batch, dtype=torch.long, device=dev)
+
+    def free_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.slots) if r is None]
+
+    def admit(self, req: Request, row: int) -> None:
+        args = self.executor.args
+        self.slots[row], req.lane, req.row = req, self, row
+        self.x[row] = args.pad_id
+        self.x[row, : req.start] = torch.tensor(req.prompt, dtype=torch.long)
+        self.x[row, req.start: req.end] = args.mask_id
+        for k in range(self.cfg_pair):
+            self.cache.set_row(row + k * self.max_batch, req.end)
+        self.start[row], self.end[row], self.s[row] = req.start, req.end, req.start
+        self.policy.reset_rows([row])
+
+    def release(self, req: Request) -> None:
+        req.tokens = self.x[req.row, req.start: req.end].tolist()
+        self.slots[req.row] = None
+
+    def active(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+
+class Engine:
+    """Slot table over any executor (torch, onnxruntime, TensorRT: the Transformer.step interface).
+
+    max_batch: rows per lane and requests decoding at once; max_len: the longest prompt + generation
+    a request may have; max_lanes: distinct decoding configs decoding at once (each lane holds a
+    cache of max_batch rows); later requests queue."""
+
+    def __init__(self, executor, max_batch: int, max_len: int, max_lanes: int = 4, seed: int = 0):
+        self.executor, self.max_batch, self.max_len, self.max_lanes = executor, max_batch, max_len, max_lanes
+        self.lanes: dict[DecodeConfig, Lane] = {}
+        self.queue: deque[Request] = deque()
+        self.requests: dict[int, Request] = {}
+        self.ids = itertools.count()
+        self.gen = torch.Generator(device=executor.device).manual_seed(seed)
+        self.stats = Stats()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], cfg: DecodeConfig, stop_ids: set[int] | None = None,
+               stream_steps: bool = False) -> int:
+        """Queue a request; it joins at the next step that has a free row. -> handle."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if getattr(self.executor, "static_shapes", False) and not cfg.static_shapes:
+            cfg = cfg.replace(static_shapes=True)  # a compiled step needs shapes decided on the host
+        if len(prompt) + cfg.gen_length > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + gen_length ({cfg.gen_length}) = "
+                             f"{len(prompt) + cfg.gen_length} exceeds the engine's maximum length {self.max_len}")
+        args = self.executor.args
+        req = Request(next(self.ids), list(prompt), cfg, set(stop_ids) if stop_ids is not None else {args.eos_id},
+                      stream_steps)
+        self.requests[req.id] = req
+        self.queue.append(req)
+        return req.id
+
+    def cancel(self, handle: int) -> None:
+        """Stop a request: its row is free at the next step (its tokens so far stay readable)."""
+        req = self.requests[handle]
+        if not req.done:
+            req.cancelled = True
+
+    def result(self, handle: int) -> Request:
+        return self.requests[handle]
+
+    def pop(self, handle: int) -> Request:
+        """The finished request, forgotten by the engine."""
+        req = self.requests[handle]
+        if not req.done:
+            raise ValueError(f"request {handle} is still decoding")
+        return self.requests.pop(handle)
+
+    def busy(self) -> bool:
+        return bool(self.queue) or any(lane.active() for lane in self.lanes.values())
+
+    def decided(self, handle: int) -> list[int]:
+        """The request's decided prefix: tokens before its first undecided position (final)."""
+        req = self.requests[handle]
+        if req.tokens is not None:
+            return req.tokens
+        row = req.lane.x[req.row, req.start: req.end].tolist()
+        mask = self.executor.args.mask_id
+        return row[: row.index(mask)] if mask in row else row
+
+    # --- one step -------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, str]]:
+        """One denoising step for every active request. -> events [(handle, kind)]."""
+        events: list[tuple[int, str]] = []
+        self._finish_cancelled(events)
+        self._admit()
+        for lane in list(self.lanes.values()):
+            groups: dict[object, list[Request]] = {}
+            for req in lane.active():
+                ph = lane.policy.phase(req.step, req.step_cnt, req.prev_step)
+                groups.setdefault(ph, []).append(req)
+            for phase, reqs in groups.items():
+                self._forward(lane, phase, reqs, events)
+            if not lane.active():
+                del self.lanes[lane.cfg]  # its cache goes; a lane is cheap to make again
+        return events
+
+    def _finish_cancelled(self, events) -> None:
+        for lane in self.lanes.values():
+            for req in lane.active():
+                if req.cancelled:
+                    self._done(req, events)
+        while self.queue and self.queue[0].cancelled:
+            req = self.queue.popleft()
+            req.done, req.tokens = True, []
+            events.append((req.id, "done"))
+
+    def _admit(self) -> None:
+        waiting = deque()
+        while self.queue:
+            req = self.queue.popleft()
+            if req.cancelled:
+                req.done, req.tokens = True, []
+                continue
+            lane = self.lanes.get(req.cfg)
+            used = sum(len(l.active()) for l in self.lanes.values())
+            if used >= self.max_batch or (lane is None and len(self.lanes) >= self.max_lanes):
+                waiting.append(req)
+                continue
+            if lane is None:
+                lane = self.lanes[req.cfg] = Lane(self.executor, req.cfg, self.max_batch, self.max_len, self.gen)
+                self.stats.extra["cache_bytes"] = max(self.stats.extra.get("cache_bytes", 0), lane.cache.nbytes())
+            lane.admit(req, lane.free_rows()[0])
+        self.queue = waiting
+
+    def _context(self, lane: Lane, phase, reqs: list[Request]) -> StepContext:
+        rows = [r.row for r in reqs]
+        B, dev = lane.max_batch, lane.x.device
+        active = torch.zeros(B, dtype=torch.bool, device=dev)
+        active[rows] = True
+        step = torch.zeros(B, dtype=torch.long, device=dev)
+        step[rows] = torch.tensor([r.step for r in reqs], device=dev)
+        s_host, e_host, g_host = [reqs[0].start + reqs[0].blk * reqs[0].cfg.block_length] * B, \
+            [reqs[0].end] * B, [reqs[0].start] * B  # idle rows repeat an active row: no shape widens
+        for r in reqs:
+            s_host[r.row], e_host[r.row], g_host[r.row] = r.start + r.blk * r.cfg.block_length, r.end, r.start
+        return StepContext(lane.x, lane.s, s_host, lane.cfg.block_length, step, phase, active, lane.start,
+                           lane.end, e_host, g_host)
+
+    def _forward(self, lane: Lane, phase, reqs: list[Request], events) -> None:
+        c = self._context(lane, phase, reqs)
+        starting = [r.row for r in reqs if r.step == 0]
+        if starting:
+            rows = torch.zeros_like(c.active)
+            rows[starting] = True
+            lane.policy.begin_block(c, rows)
+        idx, plan = lane.policy.plan(c)
+        logits, pred = self._run(lane, c, idx, plan)
+        lane.policy.commit(c, logits, pred)
+        st = self.stats
+        st.nfe, st.steps = st.nfe + 1, st.steps + 1
+        st.positions_computed += plan.rows_per_layer(idx.shape[1], self.executor.args.n_layers)
+        undecided = (lane.x.gather(1, c.cols) == self.executor.args.mask_id).any(1).tolist()
+        spb = lane.policy.steps
+        for r in reqs:
+            r.nfe, r.prev_step, r.step, r.step_cnt = r.nfe + 1, r.step, r.step + 1, r.step_cnt + 1
+            if undecided[r.row]:
+                if r.step > spb + r.cfg.block_length:  # past its schedule every step commits a token
+                    raise RuntimeError(f"request {r.id}: block {r.blk} is still undecided after {r.step} steps")
+                if r.stream_steps:
+                    self._maybe_prefix_event(r, events)
+                continue
+            self._block_done(lane, r, events)
+
+    def _run(self, lane: Lane, c: StepContext, idx: Tensor, plan):
+        """One forward of rows idx [B, n]; LLaDA's classifier-free guidance runs a second copy with the
+        prompt masked in the same batch: logits = un + (scale + 1) * (cond - un)."""
+        x, mask_id = lane.x, self.executor.args.mask_id
+        pad_col = torch.full_like(x[:, :1], mask_id)
+        tokens = torch.cat([x, pad_col], 1).gather(1, idx)
+        tf = time.perf_counter()
+        if lane.cfg.cfg_scale > 0:
+            col = torch.arange(x.shape[1], device=x.device)
+            un = torch.cat([torch.where(col < lane.start[:, None], mask_id, x), pad_col], 1)
+            logits, pred = self.executor.step(torch.cat([tokens, un.gather(1, idx)]), torch.cat([idx, idx]),
+                                              lane.cache, plan)
+            cond, unc = logits.chunk(2)
+            logits, pred = unc + (lane.cfg.cfg_scale + 1) * (cond - unc), pred[: x.shape[0]]
+        else:
+            logits, pred = self.executor.step(tokens, idx, lane.cache, plan)
+        self.stats.forward_seconds += time.perf_counter() - tf
+        return logits, pred
+
+    def _block_done(self, lane: Lane, r: Request, events) -> None:
+        bl, eos = r.cfg.block_length, self.executor.args.eos_id
+        s = r.start + r.blk * bl
+        r.step_cnt = (r.blk + 1) * lane.policy.steps  # refresh periods stay aligned to blocks (§1.4)
+        r.blk, r.step, r.streamed = r.blk + 1, 0, max(r.streamed, s + bl - r.start)
+        events.append((r.id, "block"))
+        # a finished block holding EOS ends the request (Streaming-dLLM; only where EOS stops it:
+        # random-weight benchmarks pass no stop ids and count every token, so they decode every token)
+        exit_now = r.cfg.resolved("early_exit") and eos in r.stop_ids and bool((lane.x[r.row, s: s + bl] == eos).any())
+        if exit_now:
+            lane.x[r.row, s + bl: r.end] = eos
+        if exit_now or r.blk == r.n_blocks:
+            self._done(r, events)
+        else:
+            lane.s[r.row] = r.start + r.blk * bl
+
+    def _maybe_prefix_event(self, r: Request, events) -> None:
+        n = len(self.decided(r.id))
+        if n > r.streamed:
+            r.streamed = n
+            events.append((r.id, "prefix"))
+
+    def _done(self, r: Request, events) -> None:
+        r.lane.release(r)
+        r.done, r.t_done = True, time.perf_counter()
+        events.append((r.id, "done"))

@@ -1,0 +1,126 @@
+"""The in-flight engine (runtime/engine.py): requests that arrive at random steps, with other methods
+beside them and cancellations around them, get exactly the tokens they get alone; rows are freed
+the step after a request ends and reused; nothing is left behind."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from esdllm.runtime import task
+from esdllm.runtime.config import DECODE_PRESETS, DecodeConfig
+from esdllm.runtime.engine import Engine
+from esdllm.runtime.generate import generate
+from esdllm.runtime.pipeline import Pipeline
+
+MODELS = Path(__file__).parents[1] / "models"
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def pipe(request):
+    return Pipeline.load(MODELS / f"{request.param}-tiny")
+
+
+def _prompts(pipe, n, seed=5):
+    return [pipe.encode(p.prompt, gen_length=64) for p in task.problems(seed, n, split="heldout", family=("maps", "perm"))]
+
+
+def _alone(pipe, prompt, cfg):
+    return generate(pipe.executor, [prompt], cfg, stop_ids=pipe.stop).tokens[0].tolist()
+
+
+def _drive(eng, arrivals, cancels=()):
+    """arrivals: [(step, prompt, cfg)]; cancels: {request index: step}. -> handles in arrival order."""
+    handles, step = [None] * len(arrivals), 0
+    while eng.busy() or any(h is None for h in handles):
+        for i, (at, prompt, cfg, stop) in enumerate(arrivals):
+            if at == step:
+                handles[i] = eng.submit(prompt, cfg, stop)
+        for i, at in dict(cancels).items():
+            if at == step and handles[i] is not None:
+                eng.cancel(handles[i])
+        eng.step()
+        step += 1
+        assert step < 2000
+    return handles
+
+
+@pytest.mark.parametrize("preset", list(DECODE_PRESETS))
+def test_staggered_arrivals_and_cancellations_give_the_tokens_alone(pipe, preset):
+    cfg = DecodeConfig(gen_length=64, block_length=32, **DECODE_PRESETS[preset])
+    prompts = _prompts(pipe, 6)
+    rng = random.Random(preset)
+    arrivals = [(rng.randrange(0, 40), p, cfg, pipe.stop) for p in prompts]
+    eng = Engine(pipe.executor, max_batch=3, max_len=128)  # fewer rows than requests: some queue
+    handles = _drive(eng, arrivals, cancels={1: arrivals[1][0] + 1})  # after at most one forward
+    assert not eng.lanes and not eng.queue, "the engine kept a lane or a queued request"
+    for i, (h, (_, p, c, _)) in enumerate(zip(handles, arrivals)):
+        r = eng.pop(h)
+        assert r.done
+        if i == 1 and r.cancelled:  # (threshold decoding with early exit may finish in one forward)
+            assert r.nfe <= 1
+        else:
+            assert r.tokens == _alone(pipe, p, c), f"{preset}: request {i} differs from alone"
+
+
+def test_different_methods_decode_side_by_side_each_as_alone(pipe):
+    names = ["vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9", "streaming-dllm", "dyllm", "es-dllm+streaming"]
+    prompts = _prompts(pipe, len(names), seed=8)
+    cfgs = [DecodeConfig(gen_length=64, block_length=32, **DECODE_PRESETS[n]) for n in names]
+    arrivals = [(2 * i, p, c, pipe.stop) for i, (p, c) in enumerate(zip(prompts, cfgs))]
+    eng = Engine(pipe.executor, max_batch=4, max_len=128, max_lanes=3)
+    handles = _drive(eng, arrivals)
+    for h, (_, p, c, _), name in zip(handles, arrivals, names):
+        assert eng.result(h).tokens == _alone(pipe, p, c), name
+
+
+def test_a_row_is_freed_the_step_after_its_request_ends_and_reused(pipe):
+    cfg = DecodeConfig(gen_length=64, block_length=32, method="es-dllm", threshold=0.9)
+    a, b, c = _prompts(pipe, 3, seed=9)
+    eng = Engine(pipe.executor, max_batch=2, max_len=128)
+    ha, hb, hc = eng.submit(a, cfg, pipe.stop), eng.submit(b, cfg, pipe.stop), eng.submit(c, cfg, pipe.stop)
+    eng.step()
+    assert len(eng.queue) == 1 and eng.result(hc).lane is None  # no row for c yet
+    eng.cancel(ha)
+    events = eng.step()
+    assert (ha, "done") in events and eng.result(hc).row == eng.result(ha).row  # a's row went to c
+    while eng.busy():
+        eng.step()
+    assert eng.result(hc).tokens == _alone(pipe, c, cfg) and eng.result(hb).tokens == _alone(pipe, b, cfg)
+
+
+def test_requests_that_do_not_fit_are_refused_by_name(pipe):
+    eng = Engine(pipe.executor, max_batch=2, max_len=80)
+    with pytest.raises(ValueError, match="exceeds the engine's maximum length 80"):
+        eng.submit([5] * 20, DecodeConfig(gen_length=64), pipe.stop)
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.submit([], DecodeConfig(gen_length=64), pipe.stop)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_row_of_the_engine_layout_computes_bitwise_what_it_computes_alone(family, tmp_path):
+    """The engine's canvas: each row's prompt from slot 0, its generation, then slots that are not
+    keys. Logits of every row of a mixed-length batch equal its logits alone, bit for bit."""
+    from esdllm.runtime.cache import StepPlan
+    from esdllm.runtime.weights import load_model, make_tiny_checkpoint
+    m = load_model(make_tiny_checkpoint(family, tmp_path, layers=8))
+    g, G = torch.Generator().manual_seed(0), 32
+    prompts = [torch.randint(0, 200, (n,), generator=g) for n in (3, 17, 9, 12)]
+    L = max(len(p) for p in prompts) + G
+
+    def logits(rows):
+        cache, B = m.new_cache(len(rows), L), len(rows)
+        x, idx = torch.full((B, L), m.args.pad_id), torch.full((B, L), L)
+        for b, p in enumerate(rows):
+            n = len(p) + G
+            x[b, :len(p)], x[b, len(p):n], idx[b, :n] = p, m.args.mask_id, torch.arange(n)
+            cache.set_row(b, n)
+        tokens = torch.cat([x, torch.full((B, 1), m.args.mask_id)], 1).gather(1, idx)
+        with torch.inference_mode():
+            return m.step(tokens, idx, cache, StepPlan())[0]
+    batch = logits(prompts)
+    for b, p in enumerate(prompts):
+        n = len(p) + G
+        assert torch.equal(batch[b, :n], logits([p])[0, :n]), f"row {b} differs from alone"
