@@ -54,6 +54,18 @@ class Cache:
         ts += [t for t in (self.dv, self.positions, self.key_valid) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def narrow(self, k: int) -> "Cache":
+        """The first k batch rows as a Cache of views: a forward over them writes this cache."""
+        out = object.__new__(Cache)
+        out.batch, out.length = k, self.length
+        out.k, out.v = [t[:k] for t in self.k], [t[:k] for t in self.v]
+        out.hidden = {l: t[:k] for l, t in self.hidden.items()}
+        out.ctx = {l: t[:k] for l, t in self.ctx.items()}
+        out.ffn = {l: t[:k] for l, t in self.ffn.items()}
+        out.dv = None if self.dv is None else self.dv[:k]
+        out.positions, out.key_valid = self.positions[:k], self.key_valid[:k]
+        return out
+
     def set_row(self, row: int, length: int) -> None:
         """Row `row` holds a canvas of `length` slots from slot 0 (prompt, then its generation); the
         slots after it are not keys. Its K/V and hidden caches are left as they are: a request's

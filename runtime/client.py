@@ -35,6 +35,7 @@ class Reply:
     chunks: list[str] = field(default_factory=list)   # text_output of every response, in order
     error: str | None = None
     seconds: float = 0.0
+    first_chunk_s: float | None = None  # when the first text arrived (streamed: time to first token)
 
 
 def make_inputs(values: dict):
@@ -87,6 +88,8 @@ def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, ti
             if "text_output" in names:
                 chunk = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")
                 reply.chunks.append(chunk)
+                if reply.first_chunk_s is None and chunk:
+                    reply.first_chunk_s = time.perf_counter() - t0
                 if on_text is not None:
                     on_text(chunk)
             if "stats" in names:
@@ -189,6 +192,9 @@ def _client(ns) -> int:
 
 
 def _bench(ns) -> int:
+    if ns.rate or ns.rates:
+        from .loadgen import main as open_loop_main
+        return open_loop_main(ns, _knobs(ns))
     r = bench_serve(ns.url, ns.concurrency, ns.requests, {**_knobs(ns), "stream": bool(ns.stream)},
                     model=ns.model_name, timeout=ns.timeout)
     rows = [("concurrency", r["concurrency"]), ("requests", r["requests"]), ("errors", r["errors"]),
@@ -236,9 +242,22 @@ def register(subparsers) -> None:
     _common(c)
     c.set_defaults(func=_client)
     b = subparsers.add_parser("bench-serve", help="load-test a running server; checks results against alone",
-                              epilog="example: esdllm bench-serve --concurrency 8 --requests 64 --threshold 0.9")
+                              epilog="example: esdllm bench-serve --concurrency 8 --requests 64 --threshold 0.9   "
+                                     "(open loop: esdllm bench-serve --compare-schedulers --rates 2,4,8 --requests 200)")
     b.add_argument("--concurrency", type=int, default=16, help="client threads (default 16)")
     b.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     b.add_argument("--json", action="store_true", help="print only the JSON line (no table)")
+    g = b.add_argument_group("open-loop load (runtime/loadgen.py)")
+    g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (instead of --concurrency)")
+    g.add_argument("--rates", default=None, help="comma list of rates: a sweep, each on the same requests")
+    g.add_argument("--mix-tokens", default="32,64", help="max_tokens drawn from these (default 32,64)")
+    g.add_argument("--stream-frac", type=float, default=0.5, help="share of requests streamed (default 0.5)")
+    g.add_argument("--cancel-frac", type=float, default=0.1,
+                   help="share hung up on after their first streamed response (default 0.1)")
+    g.add_argument("--seed", type=int, default=0, help="arrivals and request mix")
+    g.add_argument("--compare-schedulers", action="store_true",
+                   help="start one server per scheduler (inflight, batch) on --serve-model and load each the same way")
+    g.add_argument("--serve-model", default=None, help="with --compare-schedulers: checkpoint (default: the embedded model)")
+    g.add_argument("--max-batch", type=int, default=8, help="with --compare-schedulers: the servers' max batch (default 8)")
     _common(b)
     b.set_defaults(func=_bench)

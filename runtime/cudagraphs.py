@@ -8,7 +8,8 @@ which prune layers) and every input's shape and dtype. The first step with a key
 warms up the libraries, and a step is not idempotent: DyLLM reads the caches it writes), the second
 records a graph over static copies of the inputs and replays it, later ones copy their inputs in and
 replay. Graphs share one memory pool; outputs are cloned out of it. A new cache (a new generate
-call) drops the graphs of the old one.
+call) drops the graphs of the old one; the views of one cache (the engine's first-rows spans) share
+its graphs' lifetime.
 
 `replayer` makes the recording pluggable: torch.cuda.CUDAGraph on CUDA; tests on the CPU pass
 `EagerReplay`, which re-runs the step over the same static buffers, so everything but the recording
@@ -131,12 +132,13 @@ class GraphedExecutor:
 
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None):
         plan = plan or StepPlan()
-        if id(cache) != self.cache_id:  # graphs hold the old cache's addresses: let them go with it
+        root = cache.k[0].untyped_storage().data_ptr()  # views of one cache (the engine's row spans) share it
+        if root != self.cache_id:  # graphs hold the old cache's addresses: let them go with it
             self.graphs.clear()
             self.seen.clear()
-            self.cache_id = id(cache)
+            self.cache_id = root
         tensors, spec = _flatten(tokens, idx, plan)
-        key = (spec, tuple((tuple(t.shape), t.dtype) for t in tensors))
+        key = (id(cache), spec, tuple((tuple(t.shape), t.dtype) for t in tensors))
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen:  # first sight: run eagerly (warm-up, and the step's real result)

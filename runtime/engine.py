@@ -21,10 +21,12 @@ when its last block is decided, when early exit finds EOS in a finished block, o
 its row is free for the next request at the following step.
 
 Events. step() returns the events of the step: (handle, kind) with kind "block" (a block of the
-request was decided), "prefix" (its decided prefix grew, with stream_steps) or "done".
+request was decided), "prefix" (its decided prefix grew, with stream_steps) or "done". A forward
+that raises ends its requests alone (Request.error says why); the others go on.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -57,8 +59,11 @@ class Request:
     error: str | None = None
     streamed: int = 0            # decided-prefix length at the last "prefix" event
     tokens: list[int] | None = None  # the generation region, once done
-    nfe: int = 0
+    nfe: int = 0                 # forwards this request took part in
+    batch_max: int = 0           # the most requests one of them served
+    positions: float = 0.0       # rows those forwards ran per layer, summed (kept fraction = / nfe / end)
     t_submit: float = field(default_factory=time.perf_counter)
+    t_admit: float = 0.0
     t_done: float = 0.0
 
     @property
@@ -85,6 +90,8 @@ class Lane:
         self.cache = executor.new_cache(max_batch * self.cfg_pair, max_len, self.policy.hidden_layers,
                                         **({"saliency": True} if self.policy.saliency else {}))
         self.x = torch.full((max_batch, max_len), args.pad_id, dtype=torch.long, device=dev)
+        self.policy.allocate(max_batch, dev)
+        self.views: dict[int, object] = {}
         self.slots: list[Request | None] = [None] * max_batch
         self.s = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.start = torch.zeros(max_batch, dtype=torch.long, device=dev)
@@ -95,7 +102,7 @@ class Lane:
 
     def admit(self, req: Request, row: int) -> None:
         args = self.executor.args
-        self.slots[row], req.lane, req.row = req, self, row
+        self.slots[row], req.lane, req.row, req.t_admit = req, self, row, time.perf_counter()
         self.x[row] = args.pad_id
         self.x[row, : req.start] = torch.tensor(req.prompt, dtype=torch.long)
         self.x[row, req.start: req.end] = args.mask_id
@@ -111,6 +118,39 @@ class Lane:
     def active(self) -> list[Request]:
         return [r for r in self.slots if r is not None]
 
+    def cache_for(self, B: int):
+        """The cache of the first B rows: views, one object per B (graph replays key on it)."""
+        if B == self.max_batch:
+            return self.cache
+        if B not in self.views:
+            self.views[B] = self.cache.narrow(B)
+        return self.views[B]
+
+    def span(self) -> int:
+        """Rows a forward runs: up to the last occupied one (rows are taken lowest first), all of
+        them with guidance (its second copy sits max_batch rows further)."""
+        if self.cfg_pair > 1:
+            return self.max_batch
+        return 1 + max(i for i, r in enumerate(self.slots) if r is not None)
+
+
+@contextlib.contextmanager
+def _narrowed(policy, k: int, B: int):
+    """The policy's per-row state (tensors of B rows) as views of its first k rows for one forward;
+    state it replaces rather than updates in place is copied back."""
+    full = {n: t for n, t in vars(policy).items() if isinstance(t, Tensor) and t.dim() and t.shape[0] == B}
+    views = {n: t[:k] for n, t in full.items()}
+    for n, v in views.items():
+        setattr(policy, n, v)
+    try:
+        yield
+    finally:
+        for n, t in full.items():
+            cur = getattr(policy, n)
+            if cur is not views[n]:
+                t[:k].copy_(cur)
+            setattr(policy, n, t)
+
 
 class Engine:
     """Slot table over any executor (torch, onnxruntime, TensorRT: the Transformer.step interface).
@@ -119,8 +159,10 @@ class Engine:
     a request may have; max_lanes: distinct decoding configs decoding at once (each lane holds a
     cache of max_batch rows); later requests queue."""
 
-    def __init__(self, executor, max_batch: int, max_len: int, max_lanes: int = 4, seed: int = 0):
+    def __init__(self, executor, max_batch: int, max_len: int, max_lanes: int = 4, seed: int = 0,
+                 isolate_errors: bool = True):
         self.executor, self.max_batch, self.max_len, self.max_lanes = executor, max_batch, max_len, max_lanes
+        self.isolate_errors = isolate_errors  # False: a failing forward raises out of step()
         self.lanes: dict[DecodeConfig, Lane] = {}
         self.queue: deque[Request] = deque()
         self.requests: dict[int, Request] = {}
@@ -166,6 +208,11 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.queue) or any(lane.active() for lane in self.lanes.values())
 
+    def drop_idle_lanes(self) -> None:
+        """Free the caches of lanes with no request (they are made again on demand)."""
+        for cfg in [c for c, l in self.lanes.items() if not l.active()]:
+            del self.lanes[cfg]
+
     def decided(self, handle: int) -> list[int]:
         """The request's decided prefix: tokens before its first undecided position (final)."""
         req = self.requests[handle]
@@ -188,9 +235,15 @@ class Engine:
                 ph = lane.policy.phase(req.step, req.step_cnt, req.prev_step)
                 groups.setdefault(ph, []).append(req)
             for phase, reqs in groups.items():
-                self._forward(lane, phase, reqs, events)
-            if not lane.active():
-                del self.lanes[lane.cfg]  # its cache goes; a lane is cheap to make again
+                try:
+                    self._forward(lane, phase, reqs, events)
+                except Exception as e:  # this forward's requests fail; the others go on
+                    if not self.isolate_errors:
+                        raise
+                    for r in reqs:
+                        if not r.done:
+                            r.error = f"{type(e).__name__}: {e}"
+                            self._done(r, events)
         return events
 
     def _finish_cancelled(self, events) -> None:
@@ -212,6 +265,10 @@ class Engine:
                 continue
             lane = self.lanes.get(req.cfg)
             used = sum(len(l.active()) for l in self.lanes.values())
+            if lane is None and len(self.lanes) >= self.max_lanes:  # an idle lane makes room
+                idle = next((c for c, l in self.lanes.items() if not l.active()), None)
+                if idle is not None:
+                    del self.lanes[idle]
             if used >= self.max_batch or (lane is None and len(self.lanes) >= self.max_lanes):
                 waiting.append(req)
                 continue
@@ -221,9 +278,10 @@ class Engine:
             lane.admit(req, lane.free_rows()[0])
         self.queue = waiting
 
-    def _context(self, lane: Lane, phase, reqs: list[Request]) -> StepContext:
+    def _context(self, lane: Lane, phase, reqs: list[Request], B: int) -> StepContext:
+        """The forward's view of the lane's first B rows."""
         rows = [r.row for r in reqs]
-        B, dev = lane.max_batch, lane.x.device
+        dev = lane.x.device
         active = torch.zeros(B, dtype=torch.bool, device=dev)
         active[rows] = True
         step = torch.zeros(B, dtype=torch.long, device=dev)
@@ -232,26 +290,34 @@ class Engine:
             [reqs[0].end] * B, [reqs[0].start] * B  # idle rows repeat an active row: no shape widens
         for r in reqs:
             s_host[r.row], e_host[r.row], g_host[r.row] = r.start + r.blk * r.cfg.block_length, r.end, r.start
-        return StepContext(lane.x, lane.s, s_host, lane.cfg.block_length, step, phase, active, lane.start,
-                           lane.end, e_host, g_host)
+        return StepContext(lane.x[:B], lane.s[:B], s_host, lane.cfg.block_length, step, phase, active,
+                           lane.start[:B], lane.end[:B], e_host, g_host)
 
     def _forward(self, lane: Lane, phase, reqs: list[Request], events) -> None:
-        c = self._context(lane, phase, reqs)
-        starting = [r.row for r in reqs if r.step == 0]
-        if starting:
-            rows = torch.zeros_like(c.active)
-            rows[starting] = True
-            lane.policy.begin_block(c, rows)
-        idx, plan = lane.policy.plan(c)
-        logits, pred = self._run(lane, c, idx, plan)
-        lane.policy.commit(c, logits, pred)
+        B = lane.span()  # idle rows past the last occupied one cost nothing
+        c = self._context(lane, phase, reqs, B)
+        cache = lane.cache_for(B)
+        with _narrowed(lane.policy, B, lane.max_batch):
+            starting = [r.row for r in reqs if r.step == 0]
+            if starting:
+                rows = torch.zeros_like(c.active)
+                rows[starting] = True
+                lane.policy.begin_block(c, rows)
+            idx, plan = lane.policy.plan(c)
+            keys = max(c.ends_host)
+            if plan.key_slots is None and keys < lane.L:  # attend to the slots these rows have, not max_len
+                plan.key_slots = torch.arange(keys, device=idx.device).expand(B, keys)
+            logits, pred = self._run(lane, c, idx, plan, cache)
+            lane.policy.commit(c, logits, pred)
         st = self.stats
         st.nfe, st.steps = st.nfe + 1, st.steps + 1
-        st.positions_computed += plan.rows_per_layer(idx.shape[1], self.executor.args.n_layers)
-        undecided = (lane.x.gather(1, c.cols) == self.executor.args.mask_id).any(1).tolist()
+        rows = plan.rows_per_layer(idx.shape[1], self.executor.args.n_layers)
+        st.positions_computed += rows
+        undecided = (c.x.gather(1, c.cols) == self.executor.args.mask_id).any(1).tolist()
         spb = lane.policy.steps
         for r in reqs:
             r.nfe, r.prev_step, r.step, r.step_cnt = r.nfe + 1, r.step, r.step + 1, r.step_cnt + 1
+            r.batch_max, r.positions = max(r.batch_max, len(reqs)), r.positions + rows
             if undecided[r.row]:
                 if r.step > spb + r.cfg.block_length:  # past its schedule every step commits a token
                     raise RuntimeError(f"request {r.id}: block {r.blk} is still undecided after {r.step} steps")
@@ -260,22 +326,22 @@ class Engine:
                 continue
             self._block_done(lane, r, events)
 
-    def _run(self, lane: Lane, c: StepContext, idx: Tensor, plan):
+    def _run(self, lane: Lane, c: StepContext, idx: Tensor, plan, cache):
         """One forward of rows idx [B, n]; LLaDA's classifier-free guidance runs a second copy with the
         prompt masked in the same batch: logits = un + (scale + 1) * (cond - un)."""
-        x, mask_id = lane.x, self.executor.args.mask_id
+        x, mask_id = c.x, self.executor.args.mask_id
         pad_col = torch.full_like(x[:, :1], mask_id)
         tokens = torch.cat([x, pad_col], 1).gather(1, idx)
         tf = time.perf_counter()
         if lane.cfg.cfg_scale > 0:
             col = torch.arange(x.shape[1], device=x.device)
-            un = torch.cat([torch.where(col < lane.start[:, None], mask_id, x), pad_col], 1)
+            un = torch.cat([torch.where(col < c.starts[:, None], mask_id, x), pad_col], 1)
             logits, pred = self.executor.step(torch.cat([tokens, un.gather(1, idx)]), torch.cat([idx, idx]),
-                                              lane.cache, plan)
+                                              cache, plan)
             cond, unc = logits.chunk(2)
             logits, pred = unc + (lane.cfg.cfg_scale + 1) * (cond - unc), pred[: x.shape[0]]
         else:
-            logits, pred = self.executor.step(tokens, idx, lane.cache, plan)
+            logits, pred = self.executor.step(tokens, idx, cache, plan)
         self.stats.forward_seconds += time.perf_counter() - tf
         return logits, pred
 

@@ -57,7 +57,8 @@ def generate(executor, prompts: list[list[int]], cfg: DecodeConfig, *, stop_ids:
         raise ValueError(f"prompt ({P} tokens) + gen_length ({G}) = {P + G} exceeds the model's maximum "
                          f"sequence length {args.max_seq_len}")
     stop_ids = stop_ids if stop_ids is not None else {args.eos_id}
-    eng = Engine(executor, max_batch=B, max_len=P + G, max_lanes=1, seed=cfg.seed if cfg.seed is not None else 0)
+    eng = Engine(executor, max_batch=B, max_len=P + G, max_lanes=1, seed=cfg.seed if cfg.seed is not None else 0,
+                 isolate_errors=False)
     handles = [eng.submit(p, cfg, stop_ids, stream_steps=stream_steps and on_block is not None) for p in prompts]
     starts = torch.tensor([len(p) for p in prompts], device=dev)
     cols = starts[:, None] + torch.arange(G, device=dev)

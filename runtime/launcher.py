@@ -46,7 +46,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-RAW_VALUES = ("inputs",)  # placeholders filled with protobuf text as it is (generated, not user text)
+RAW_VALUES = ("inputs", "instance_group")  # placeholders filled with protobuf text as it is (generated, not user text)
 
 
 def fill_template(text: str, values: dict[str, object]) -> str:

@@ -105,6 +105,10 @@ class Vanilla:
     def reset_rows(self, rows: list[int]) -> None:
         """Rows `rows` take new requests: forget what earlier ones left in the policy's state."""
 
+    def allocate(self, B: int, device) -> None:
+        """Per-row state for B rows up front (the engine runs forwards over the first rows only)."""
+        self.quota = torch.zeros(B, self.steps, dtype=torch.long, device=device)
+
     @staticmethod
     def room(c: StepContext) -> int:
         """The longest suffix after a row's block (host): generation end minus block end."""
@@ -293,6 +297,10 @@ class ESDLLM(Vanilla):
         self.n_last = torch.zeros(B, dtype=torch.long, device=dev)
         self.leftmost = torch.full((B,), self.L, dtype=torch.long, device=dev)
 
+    def allocate(self, B: int, device) -> None:
+        super().allocate(B, device)
+        self._init(torch.zeros(B, 1, device=device))
+
     def reset_rows(self, rows: list[int]) -> None:
         if self.conf is not None:
             self.conf[rows] = 0.0
@@ -310,32 +318,43 @@ class ESDLLM(Vanilla):
         # a count schedule's share per step, everything once a block runs past its schedule
         counted = cfg.threshold is None and cfg.factor is None and prev_step is not None and prev_step < self.steps
         last_max = -(-cfg.block_length // self.steps) if counted else cfg.block_length
+        if not cfg.static_shapes:  # only static shapes need the bound: leave it out of the forward's kind
+            last_max = None
         if step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
             return ("full", False, last_max)
         prompt = step_cnt % cfg.prompt_update_freq == 0
         skip = bool(self.schedule) and not prompt and step_cnt % cfg.block_update_freq != 0
-        return ("prompt" if prompt else "start" if step == 0 else "block", skip, last_max)
+        if prompt:
+            return ("prompt", skip, last_max)
+        # block starts and block steps share a forward (rows right-aligned, each its own first row);
+        # static shapes keep them apart, their row counts differ
+        return ("start" if step == 0 else "block") if cfg.static_shapes else "cached", skip, last_max
 
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         cfg, sh, B, dev = self.cfg, self.sh, c.x.shape[0], c.x.device
         if self.conf is None:
             self._init(c.x)
         span, skip, last_max = (*c.phase, c.bl)[:3]  # (span, skip) alone: last step may have taken the block
+        last_max = c.bl if last_max is None else last_max
         if span == "full":
             idx, plan = self.full(c)
             plan.write_hidden = True
             return idx, plan
         lo = c.s - sh
+        # rows at a block start re-run the rows decoded last step (they sit in the previous block)
+        starts = c.step == 0 if span == "cached" else torch.full_like(c.active, span == "start")
         if span == "prompt":
             lo = torch.zeros_like(lo)
-        elif span == "start":  # re-run the rows decoded last step (they sit in the previous block)
-            lo = torch.minimum(lo, self.leftmost)
+        else:
+            lo = torch.where(starts, torch.minimum(lo, self.leftmost), lo)
         end = c.s + c.bl - self.row_shift  # the authors' rows end at e - shift (:431-432)
-        n = self._span_length(c, span) if cfg.static_shapes else int((end - lo).max())
+        n = self._span_length(c, span) if cfg.static_shapes else int(torch.where(c.active, end - lo, 1).max())
         idx = (end - n)[:, None] + torch.arange(n, device=dev)  # right-aligned at each row's end
         idx = torch.where((idx >= lo[:, None]) & c.active[:, None], idx, self.trash)
-        if self.window is not None and span != "block":  # block starts recompute the kept suffix
-            idx = self.with_suffix(c, idx)
+        if self.window is not None and span != "block":  # block starts (and prompt refreshes) recompute
+            kept = self.window.rows(c.s + c.bl, c.ends, self.room(c))  # the kept suffix
+            renew = c.active if span == "prompt" else c.active & starts
+            idx = torch.cat([idx, torch.where(renew[:, None], kept, self.trash)], 1)
         tail = sh - self.row_shift  # forwarded rows past the last predicting one
         head = StepPlan(head=_span(B, n - c.bl - tail, n - tail, dev), write_hidden=True, alpha=cfg.alpha,
                         key_slots=self.keys(c))
@@ -434,6 +453,10 @@ class DyLLM(Vanilla):
         super().__init__(cfg, args, L, trash, gen)
         self.rule = S.make_rule(cfg, "llada", gen)
         self.last = None  # [B, L + 1] bool: slots of last step's tokens (their inputs changed)
+
+    def allocate(self, B: int, device) -> None:
+        super().allocate(B, device)
+        self.last = torch.zeros(B, self.L + 1, dtype=torch.bool, device=device)
 
     def reset_rows(self, rows: list[int]) -> None:
         if self.last is not None:

@@ -18,10 +18,14 @@ from .launcher import (MODEL_NAME, REPO_TEMPLATE, Supervisor, TritonServer, fill
                        find_tritonserver, free_port, free_ports, write_repository)
 
 
+SCHEDULERS = ("inflight", "batch")
+
+
 def repo_values(artifacts: str | Path | None = None, model: str | Path | None = None, *, executor: str = "auto",
                 device: str = "auto", dtype: str | None = None, max_batch: int | None = None,
                 max_tokens: int | None = None, max_prompt: int | None = None, queue_delay_us: int = 5000,
-                max_queue: int | None = None, chat: bool = False, decode: dict | None = None, model_name: str = MODEL_NAME) -> dict:
+                max_queue: int | None = None, chat: bool = False, decode: dict | None = None, model_name: str = MODEL_NAME,
+                scheduler: str = "inflight", instances: int = 1) -> dict:
     """Values for config.pbtxt. The artifacts' build profile (engine.json) sets the batch, gen and
     prompt limits and the default block length unless a flag overrides them."""
     build, hf_dir = None, None
@@ -46,7 +50,16 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
     max_queue = 4 * max_batch if max_queue is None else max_queue
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    if str(device).startswith("cuda"):  # one instance per GPU, each on its own device
+        group = f"{{ kind: KIND_GPU count: 1 gpus: [ {', '.join(map(str, range(instances)))} ] }}"
+    else:
+        group = f"{{ kind: KIND_CPU count: {instances} }}"
     return {"model_name": model_name, "max_batch_size": max_batch, "max_queue_delay_us": queue_delay_us,
+            "scheduler": scheduler, "instance_group": group,
             "max_queue_size": max_queue,
             "inputs": config_inputs(),
             "model_dir": str(Path(model_dir).resolve()) if model_dir else "",
@@ -81,7 +94,8 @@ def ready_message(server: TritonServer, values: dict) -> str:
     lines = [f"esdllm serve: ready: model {values['model_name']!r} on gRPC {server.grpc_url}"
              + (f" and HTTP {server.http_url}" if server.http_url else " (HTTP off; --http-port turns it on)"),
              f"  served defaults: {knobs}; max_tokens <= {values['max_tokens_limit']}, "
-             f"max_batch {values['max_batch_size']}, queue {values['max_queue_size']}",
+             f"max_batch {values['max_batch_size']}, queue {values['max_queue_size']}, scheduler "
+             f"{values['scheduler']}, instances {values['instance_group']}",
              f'  try: esdllm client --url {server.grpc_url} --stream "rot13: abcdefgh ->"']
     if server.http_url:
         lines.append(f"  or:  curl -s {server.http_url}/v2/models/{values['model_name']}/generate "
@@ -93,7 +107,7 @@ def _serve(ns) -> int:
     values = repo_values(ns.artifacts, ns.model, executor=ns.executor, device=ns.device, dtype=ns.dtype,
                          max_batch=ns.max_batch, max_tokens=ns.max_tokens, max_prompt=ns.max_prompt,
                          queue_delay_us=ns.queue_delay_us, max_queue=ns.max_queue, chat=ns.chat,
-                         decode=_decode_overrides(ns))
+                         decode=_decode_overrides(ns), scheduler=ns.scheduler, instances=ns.instances)
     if ns.write_repo:
         out = write_repository(ns.write_repo, values)
         print(f"wrote the model repository to {out} (tritonserver --model-repository={out})")
@@ -147,8 +161,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-rss-growth-mib", type=int, default=1024,
                    help="restart tritonserver when it grew by more than this since ready (0: never)")
     p.add_argument("--max-queue", type=int, default=None,
-                   help="requests that may wait behind the running batch before new ones are refused "
-                        "as busy (default: 4 x --max-batch)")
+                   help="requests that may wait for a row (inflight) or behind the running batch (batch) "
+                        "before new ones are refused as busy (default: 4 x --max-batch)")
     p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: PATH, else nvidia-pytriton's)")
     p.add_argument("--max-batch", type=int, default=None, help="max_batch_size (default: the artifacts' or 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens served (default: the "
@@ -156,6 +170,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-prompt", type=int, default=None, help="longest prompt in tokens (default: the "
                    "artifacts' or the model's max length minus --max-tokens)")
     p.add_argument("--queue-delay-us", type=int, default=5000, help="dynamic batcher max queue delay")
+    p.add_argument("--scheduler", default="inflight", choices=SCHEDULERS,
+                   help="inflight: requests join and leave between denoising steps (default); batch: a batch "
+                        "of queued requests decodes to its end before the next starts")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances, each its own process and engine (CPU: count; GPU: one per device 0..N-1)")
     p.add_argument("--chat", action="store_true", help="apply the chat template unless a request says otherwise")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to be ready")
     p.add_argument("--write-repo", default=None, metavar="DIR",

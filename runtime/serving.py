@@ -286,4 +286,4 @@ def request_stats(stats, n_tokens: int, prompt_tokens: int, batch: list[Request]
             "tokens_per_second": round(stats.tokens_per_second, 3),
             "tokens_per_forward": round(stats.tokens_per_forward, 4),
             "kept_fraction": round(stats.positions_per_forward / canvas, 4),
-            "seconds": round(stats.seconds, 6), "method": batch[0].cfg.method, **info}
+            "seconds": round(stats.seconds, 6), "method": batch[0].cfg.method, "scheduler": "batch", **info}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from esdllm.runtime import serving as S
+from esdllm.runtime import task
 from esdllm.runtime.config import DecodeConfig
 from esdllm.runtime.serve import TritonServer, Supervisor, free_ports, repo_values
 
@@ -307,3 +308,30 @@ def test_soak_command_json_is_one_line(capsys):
     assert len(lines) == 1, "--json prints exactly one line"
     res = json.loads(lines[0])
     assert rc == 0 and res["live"] and res["ready"] and not res["failures"], res
+
+
+# --- scale-out and the batch scheduler -------------------------------------------------------------
+
+def test_two_instances_each_serve_and_the_batch_scheduler_still_serves(tmp_path):
+    """--instances 2: two model processes (two stubs), requests spread over them, each answer what it is
+    alone; the batch-at-a-time scheduler (kept for comparison) gives the same answers."""
+    from esdllm.runtime.client import request
+    prompts = [p.prompt for p in task.problems(17, 6, split="heldout", family="maps")]
+    answers = {}
+    for scheduler, instances in (("inflight", 2), ("batch", 1)):
+        (tmp_path / scheduler).mkdir()
+        with _server(tmp_path / scheduler, instances=instances, scheduler=scheduler) as srv:
+            assert len(srv.stubs()) == instances
+            out = [None] * len(prompts)
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+                i, request(srv.grpc_url, {"text_input": prompts[i], "max_tokens": 32}, timeout=120)))
+                for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(r.error is None for r in out), [r.error for r in out]
+            answers[scheduler] = [r.text for r in out]
+            assert all(r.stats.get("scheduler", "batch") == scheduler for r in out)
+    assert answers["inflight"] == answers["batch"]
+    assert sum(task.grade(p, a) for p, a in zip(prompts, answers["inflight"])) >= len(prompts) - 1

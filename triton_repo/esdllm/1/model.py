@@ -3,13 +3,19 @@
 Decoupled: every request gets its responses through its own sender (one final response, or with
 stream=true one response each time its decided prefix grows, then the final one with the stats:
 a diffusion step may decide tokens anywhere in the block, but only the text before the first
-undecided position is final, so that is what streams). The
-dynamic batcher hands execute() the requests that queued up; requests with equal decoding
-configs run as one diffusion batch (mixed prompt lengths, each row gets exactly the tokens it gets
-alone), different configs run one after another. A bad request gets an error naming the problem
-and the others complete. Everything that is not pb_utils glue lives in esdllm.runtime.serving.
+undecided position is final, so that is what streams).
+
+scheduler "inflight" (default): execute() validates and hands each request to the in-flight loop
+and returns at once; one background thread steps the engine, admitting requests between
+denoising steps and freeing their rows when they end (esdllm.runtime.inflight). scheduler
+"batch": the requests the dynamic batcher handed over are decoded to the end, equal configs as one
+diffusion batch, before execute() returns (the previous design, kept for comparison). A bad request
+gets an error naming the problem and the others complete. Everything that is not pb_utils glue
+lives in esdllm.runtime.serving and esdllm.runtime.inflight.
 """
 import json
+import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,10 +42,23 @@ def _error(msg: str, invalid_arg: bool = False):
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        if args.get("model_instance_kind") == "GPU":  # one instance per listed GPU: this one's device
+            params["device"] = f"cuda:{args['model_instance_device_id']}"
         self.pipe, self.defaults, self.limits, self.chat, self.info = S.load(params)
-        pb_utils.Logger.log_info(f"esdllm: {self.info}, model {self.pipe.model_dir}, limits {self.limits}, "
-                                 f"defaults {self.defaults}")
+        self.scheduler = params.get("scheduler") or "inflight"
+        self.loop = None
+        if self.scheduler == "inflight":
+            from esdllm.runtime.inflight import InflightLoop
+            max_batch = int(config["max_batch_size"])
+            self.loop = InflightLoop(self.pipe, max_batch, self.limits.max_prompt + self.limits.max_tokens,
+                                     int(params.get("max_queue") or 4 * max_batch), self._send_text,
+                                     lambda sender: sender.is_cancelled(), self.info,
+                                     log=pb_utils.Logger.log_error, note=pb_utils.Logger.log_info,
+                                     on_fatal=self._fatal).start()
+        pb_utils.Logger.log_info(f"esdllm: {self.info}, scheduler {self.scheduler}, model {self.pipe.model_dir}, "
+                                 f"limits {self.limits}, defaults {self.defaults}")
 
     def execute(self, requests):
         parsed = []
@@ -51,12 +70,28 @@ class TritonPythonModel:
                 inputs[name] = None if t is None else t.as_numpy()
             try:
                 S.check_parameters(r.parameters())
-                parsed.append((S.parse_request(inputs, self.pipe, self.defaults, self.limits, self.chat), sender))
+                req = S.parse_request(inputs, self.pipe, self.defaults, self.limits, self.chat)
             except (ValueError, TypeError) as e:
                 self._send(sender, error=_error(str(e), invalid_arg=True), final=True)
+                continue
+            if self.loop is None:
+                parsed.append((req, sender))
+                continue
+            refused = self.loop.submit(req, sender)  # returns at once; the engine thread answers
+            if refused:
+                self._send(sender, error=_error(refused), final=True)
         for cfg, group in S.group_by_config(parsed):
             self._run(cfg, group)
         return None
+
+    def _send_text(self, sender, text=None, stats=None, error=None, final=False) -> bool:
+        return self._send(sender, text=text, stats=stats, error=None if error is None else _error(error), final=final)
+
+    def _fatal(self, why: str) -> None:
+        """The engine thread died (its clients have their errors): end this process, so the model is
+        no longer served from a dead loop; the launcher's supervisor restarts the server."""
+        pb_utils.Logger.log_error(f"esdllm: ending the model process: {why}")
+        threading.Timer(0.5, lambda: os._exit(1)).start()
 
     def _run(self, cfg, group):
         queued, group = group, []
@@ -128,4 +163,6 @@ class TritonPythonModel:
             return False
 
     def finalize(self):
+        if self.loop is not None:
+            self.loop.stop()
         self.pipe = None

@@ -1,0 +1,197 @@
+"""Open-loop load for `esdllm bench-serve --rate R` (or --rates R1,R2,...): requests arrive by a Poisson
+process whatever the server's pace, as real users do, so a slow scheduler builds a queue instead of
+slowing the clients down.
+
+The mix: held-out task prompts of mixed lengths, answers of mixed lengths (max_tokens drawn from
+--mix-tokens), a share streamed (--stream-frac), a share hung up on after their first streamed
+response (--cancel-frac). Each distinct (prompt, max_tokens) is first served alone, one at a time:
+a completed response that differs from it is a mismatch.
+
+Per rate: requests/s and tokens/s of completed requests, latency p50/p90/p99 (arrival to final
+response), time to first streamed token (p50/p90), time per output token of streamed requests,
+errors, mismatches. With --compare-schedulers bench-serve starts one server per scheduler itself
+(inflight and batch, same model, same flags) and runs the same arrivals against each.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import task
+from .client import MODEL_NAME, Reply, request
+
+
+def _pct(xs: list[float], p: float) -> float | None:
+    return round(float(np.percentile(xs, p)), 4) if xs else None
+
+
+def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float, cancel_frac: float) -> list[dict]:
+    """n request specs: prompt, max_tokens, stream, cancel (cancelled ones are streamed)."""
+    rng = random.Random(seed)
+    probs = task.problems(seed, n, split="heldout", family="maps")
+    out = []
+    for p in probs:
+        cancel = rng.random() < cancel_frac
+        out.append({"prompt": p.prompt, "max_tokens": rng.choice(mix_tokens),
+                    "stream": cancel or rng.random() < stream_frac, "cancel": cancel})
+    return out
+
+
+def references(url: str, specs: list[dict], knobs: dict, model: str, timeout: float) -> dict:
+    """Each distinct (prompt, max_tokens) served alone: its text."""
+    ref = {}
+    for s in specs:
+        key = (s["prompt"], s["max_tokens"])
+        if key not in ref:
+            r = request(url, {"text_input": s["prompt"], "max_tokens": s["max_tokens"], **knobs}, model=model,
+                        timeout=timeout)
+            if r.error:
+                raise RuntimeError(f"a request served alone failed: {r.error}")
+            ref[key] = r.text
+    return ref
+
+
+def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, *, seed: int = 0,
+              model: str = MODEL_NAME, timeout: float = 300.0, progress: bool = False) -> dict:
+    """Send specs at Poisson arrivals of `rate` per second; wait for all; the metrics of this rate."""
+    rng = random.Random(seed)
+    replies: list[Reply | None] = [None] * len(specs)
+    threads = []
+
+    def one(i: int, s: dict) -> None:
+        inputs = {"text_input": s["prompt"], "max_tokens": s["max_tokens"], "stream": s["stream"], **knobs}
+        replies[i] = request(url, inputs, model=model, timeout=timeout, cancel_after=1 if s["cancel"] else None)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(specs), desc=f"rate {rate:g}/s", unit="req", leave=False)
+    t0 = time.perf_counter()
+    due = t0
+    for i, s in enumerate(specs):
+        due += rng.expovariate(rate)
+        time.sleep(max(0.0, due - time.perf_counter()))
+        th = threading.Thread(target=one, args=(i, s), daemon=True)
+        th.start()
+        threads.append(th)
+        if bar is not None:
+            bar.update(1)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    done = [(r, s) for r, s in zip(replies, specs) if not s["cancel"]]
+    ok = [(r, s) for r, s in done if r.error is None]
+    errors = [r.error for r, s in done if r.error is not None]
+    errors += [r.error for r, s in zip(replies, specs) if s["cancel"] and r.error not in (None, "cancelled by the client")]
+    lat = [r.seconds for r, _ in ok]
+    ttft = [r.first_chunk_s for r, s in ok if s["stream"] and r.first_chunk_s is not None]
+    tpot = [(r.seconds - r.first_chunk_s) / max(r.stats.get("output_tokens", 1) - 1, 1)
+            for r, s in ok if s["stream"] and r.first_chunk_s is not None]
+    tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
+    return {"rate": rate, "requests": len(specs), "completed": len(ok), "cancelled": sum(s["cancel"] for s in specs),
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "mismatches": sum(r.text != ref[(s["prompt"], s["max_tokens"])] for r, s in ok),
+            "requests_per_second": round(len(ok) / wall, 3), "tokens_per_second": round(tokens / wall, 2),
+            "p50_latency_s": _pct(lat, 50), "p90_latency_s": _pct(lat, 90), "p99_latency_s": _pct(lat, 99),
+            "p50_ttft_s": _pct(ttft, 50), "p90_ttft_s": _pct(ttft, 90), "p50_tpot_s": _pct(tpot, 50),
+            "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
+            "wall_seconds": round(wall, 3)}
+
+
+def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64), stream_frac=0.5,
+        cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False) -> dict:
+    specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac)
+    ref = references(url, specs, knobs, model, timeout)
+    alone = [request(url, {"text_input": specs[0]["prompt"], "max_tokens": specs[0]["max_tokens"], **knobs},
+                     model=model, timeout=timeout).seconds for _ in range(3)]
+    return {"batch1_latency_s": round(min(alone), 4), "knobs": knobs, "mix_tokens": list(mix_tokens),
+            "stream_frac": stream_frac, "cancel_frac": cancel_frac,
+            "rates": [open_loop(url, specs, r, knobs, ref, seed=seed + 1, model=model, timeout=timeout,
+                                progress=progress) for r in rates]}
+
+
+def _servers(ns, schedulers: tuple[str, ...]):
+    """One fresh server per scheduler on the same model and flags (the embedded model by default)."""
+    from .serve import TritonServer, free_port, repo_values
+    for sch in schedulers:
+        values = repo_values(None, ns.serve_model, executor="torch", device="cpu", max_batch=ns.max_batch,
+                             max_tokens=max(int(t) for t in ns.mix_tokens.split(",")),
+                             decode={"gen_length": 64, "block_length": 32, "method": "es-dllm", "threshold": 0.9},
+                             scheduler=sch)
+        import tempfile
+        log = Path(tempfile.mkdtemp(prefix="esdllm-bench-serve-")) / f"tritonserver-{sch}.log"
+        yield sch, TritonServer(values, grpc_port=free_port(), log=log)
+
+
+def _in_process_latency(ns, specs, knobs) -> float:
+    """Batch-1 latency of the first request's decoding in this process (the serving overhead's base)."""
+    from .config import DecodeConfig
+    from .pipeline import Pipeline
+    pipe = Pipeline.load(ns.serve_model)
+    s = specs[0]
+    cfg = DecodeConfig(gen_length=s["max_tokens"], block_length=min(32, s["max_tokens"]), method="es-dllm",
+                       threshold=0.9).replace(**{k: v for k, v in knobs.items() if k in ("method", "threshold")})
+    ids = pipe.encode(s["prompt"], gen_length=cfg.gen_length)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        pipe.generate([ids], cfg)
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 4)
+
+
+def main(ns, knobs: dict) -> int:
+    import json
+    import sys
+    rates = [float(r) for r in ns.rates.split(",")] if ns.rates else [ns.rate]
+    mix = tuple(int(t) for t in ns.mix_tokens.split(","))
+    kw = dict(mix_tokens=mix, stream_frac=ns.stream_frac, cancel_frac=ns.cancel_frac, seed=ns.seed,
+              model=ns.model_name, timeout=ns.timeout, progress=sys.stderr.isatty() and not ns.json)
+    if not ns.compare_schedulers:
+        out = {"url": ns.url, **run(ns.url, rates, ns.requests, knobs, **kw)}
+    else:
+        out = {"schedulers": {}}
+        for sch, server in _servers(ns, ("inflight", "batch")):
+            with server:
+                out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, **kw)
+        specs = workload(ns.requests, ns.seed, mix, ns.stream_frac, ns.cancel_frac)
+        out["in_process_latency_s"] = _in_process_latency(ns, specs, knobs)
+        a, b = out["schedulers"]["inflight"], out["schedulers"]["batch"]
+        out["batch1_overhead"] = round(a["batch1_latency_s"] / out["in_process_latency_s"] - 1, 3)
+        out["inflight_over_batch"] = [
+            {"rate": x["rate"], "throughput": round(x["tokens_per_second"] / max(y["tokens_per_second"], 1e-9), 3),
+             "p99_latency": round(x["p99_latency_s"] / y["p99_latency_s"], 3) if x["p99_latency_s"] and y["p99_latency_s"] else None}
+            for x, y in zip(a["rates"], b["rates"])]
+    if not ns.json:
+        print(_table(out))
+    print(json.dumps(out))
+    bad = [r for res in (out.get("schedulers") or {"": out}).values() for r in res["rates"]
+           if r["errors"] or r["mismatches"]]
+    return 1 if bad else 0
+
+
+def _table(out: dict) -> str:
+    runs = out.get("schedulers") or {"server": out}
+    head = (f"{'scheduler':<10}{'rate/s':>8}{'done':>6}{'err':>5}{'mism':>6}{'req/s':>8}{'tok/s':>9}"
+            f"{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'ttft50':>8}{'tpot50':>8}{'batch':>6}")
+    lines = [head]
+    for sch, res in runs.items():
+        for r in res["rates"]:
+            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"{sch:<10}{r['rate']:>8g}{r['completed']:>6}{r['errors']:>5}{r['mismatches']:>6}"
+                         f"{r['requests_per_second']:>8.2f}{r['tokens_per_second']:>9.1f}{f(r['p50_latency_s']):>8}"
+                         f"{f(r['p90_latency_s']):>8}{f(r['p99_latency_s']):>8}{f(r['p50_ttft_s']):>8}"
+                         f"{f(r['p50_tpot_s']):>8}{r['max_batch_seen']:>6}")
+    for x in out.get("inflight_over_batch", []):
+        lines.append(f"rate {x['rate']:g}/s: inflight/batch throughput {x['throughput']:.2f}x, p99 latency "
+                     f"{x['p99_latency'] if x['p99_latency'] is None else round(x['p99_latency'], 2)}x")
+    if "batch1_overhead" in out:
+        lines.append(f"batch-1 latency through Triton {out['schedulers']['inflight']['batch1_latency_s']:.4f} s vs "
+                     f"in-process {out['in_process_latency_s']:.4f} s: overhead {100 * out['batch1_overhead']:+.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The in-flight serving loop (runtime/inflight.py) with plain senders instead of Triton's: answers,
+streaming, hang-ups, a full queue, a failing forward, a dying loop, shutdown."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from esdllm.runtime import task
+from esdllm.runtime.config import DecodeConfig
+from esdllm.runtime.inflight import BUSY, InflightLoop
+from esdllm.runtime.pipeline import Pipeline
+from esdllm.runtime.serving import Request
+
+MODEL = Path(__file__).parents[1] / "models" / "llada-tiny"
+CFG = DecodeConfig(gen_length=64, block_length=32, method="es-dllm", threshold=0.9)
+
+
+class Sender:
+    def __init__(self, hang_up_after: int | None = None):
+        self.responses, self.final, self.hang_up_after = [], threading.Event(), hang_up_after
+
+    def gone(self) -> bool:
+        return self.hang_up_after is not None and len(self.responses) >= self.hang_up_after
+
+
+def send(sender, text=None, stats=None, error=None, final=False) -> bool:
+    if sender.gone() and not final:
+        return False
+    sender.responses.append((text, stats, error))
+    if final:
+        sender.final.set()
+    return True
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(MODEL)
+
+
+def _loop(pipe, **kw):
+    kw = {"max_batch": 4, "max_len": 256, "max_queue": 16, **kw}
+    return InflightLoop(pipe, kw.pop("max_batch"), kw.pop("max_len"), kw.pop("max_queue"), send,
+                        lambda s: s.gone(), {"executor": "torch"}, log=lambda m: None, note=lambda m: None, **kw)
+
+
+def _prompts(pipe, n):
+    return [p.prompt for p in task.problems(21, n, split="heldout", family="maps")]
+
+
+def _wait(senders, timeout=120):
+    for s in senders:
+        assert s.final.wait(timeout), "a client was left waiting"
+
+
+def test_requests_are_answered_with_their_alone_text_streamed_or_not(pipe):
+    loop = _loop(pipe).start()
+    texts = _prompts(pipe, 6)
+    senders = [Sender() for _ in texts]
+    for i, (t, s) in enumerate(zip(texts, senders)):
+        assert loop.submit(Request(pipe.encode(t, gen_length=64), CFG, stream=i % 2 == 1), s) is None
+        time.sleep(0.01 * i)  # staggered arrivals
+    _wait(senders)
+    loop.stop()
+    for i, (t, s) in enumerate(zip(texts, senders)):
+        alone = pipe.generate([t], CFG).completions[0].text
+        assert "".join(r[0] for r in s.responses if r[0]) == alone
+        assert all(r[2] is None for r in s.responses) and s.responses[-1][1]["output_tokens"] >= 1
+        assert (len(s.responses) > 1) == (i % 2 == 1 and len(alone) > 0) or i % 2 == 0
+
+
+def test_a_client_that_hangs_up_frees_its_row_and_the_others_finish(pipe):
+    loop = _loop(pipe, max_batch=1).start()
+    long_cfg = DecodeConfig(gen_length=128, block_length=32, method="vanilla")
+    gone, after = Sender(hang_up_after=1), Sender()
+    loop.submit(Request(pipe.encode(_prompts(pipe, 1)[0], gen_length=128), long_cfg, stream=True), gone)
+    loop.submit(Request(pipe.encode(_prompts(pipe, 2)[1], gen_length=64), CFG, stream=False), after)
+    _wait([gone, after])  # the second only gets the single row once the first is gone
+    loop.stop()
+    assert gone.responses[-1] == (None, None, None) and after.responses[-1][0]
+    assert not loop.engine.busy()
+
+
+def test_a_full_queue_refuses_by_name(pipe):
+    loop = _loop(pipe, max_queue=2)  # not started: nothing leaves the queue
+    ids = pipe.encode(_prompts(pipe, 1)[0], gen_length=64)
+    assert loop.submit(Request(ids, CFG, False), Sender()) is None
+    assert loop.submit(Request(ids, CFG, False), Sender()) is None
+    assert loop.submit(Request(ids, CFG, False), Sender()) == BUSY
+    loop.stop()
+
+
+def test_a_failing_forward_fails_its_request_alone(pipe):
+    ex = pipe.executor
+    real = ex.step
+    poison = pipe.encode("3")[-1]  # only the rot13 prompt holds a digit
+
+    def step(tokens, idx, cache, plan=None):  # any forward holding the bad request breaks
+        if bool((tokens == poison).any()):
+            raise RuntimeError("device lost")
+        return real(tokens, idx, cache, plan)
+    ex.step = step
+    try:
+        loop = _loop(pipe).start()
+        bad, good = Sender(), Sender()
+        rng = __import__("random").Random(0)
+        t_bad, t_good = task.make_problem(rng, "rot13").prompt, task.make_problem(rng, "upper").prompt
+        loop.submit(Request(pipe.encode(t_bad, gen_length=64), DecodeConfig(gen_length=64, method="vanilla"), False), bad)
+        loop.submit(Request(pipe.encode(t_good, gen_length=64), CFG.replace(method="fast-dllm", cache="dual"), False), good)
+        _wait([bad, good])
+        loop.stop()
+    finally:
+        ex.step = real
+    assert "device lost" in bad.responses[-1][2]
+    assert good.responses[-1][2] is None and good.responses[-1][0]
+
+
+def test_a_dying_loop_answers_everyone_and_says_so(pipe):
+    fatal = []
+    loop = _loop(pipe, on_fatal=fatal.append)
+    loop.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("bug"))
+    senders = [Sender() for _ in range(3)]
+    ids = pipe.encode(_prompts(pipe, 1)[0], gen_length=64)
+    for s in senders:
+        loop.submit(Request(ids, CFG, False), s)
+    loop.start()
+    _wait(senders, timeout=30)
+    assert all("the engine stopped: RuntimeError: bug" in s.responses[-1][2] for s in senders)
+    assert fatal and "bug" in fatal[0]
+    assert "engine stopped" in loop.submit(Request(ids, CFG, False), Sender())
+
+
+def test_shutdown_answers_what_was_waiting(pipe):
+    loop = _loop(pipe)  # never started: everything is still in the inbox
+    s = Sender()
+    loop.submit(Request(pipe.encode(_prompts(pipe, 1)[0], gen_length=64), CFG, False), s)
+    loop.stop(timeout=1)
+    assert s.final.is_set() and "shutting down" in s.responses[-1][2]
