@@ -228,7 +228,7 @@ class Engine:
         """One denoising step for every active request. -> events [(handle, kind)]."""
         events: list[tuple[int, str]] = []
         self._finish_cancelled(events)
-        self._admit()
+        self._admit(events)
         for lane in list(self.lanes.values()):
             groups: dict[object, list[Request]] = {}
             for req in lane.active():
@@ -251,17 +251,14 @@ class Engine:
             for req in lane.active():
                 if req.cancelled:
                     self._done(req, events)
-        while self.queue and self.queue[0].cancelled:
-            req = self.queue.popleft()
-            req.done, req.tokens = True, []
-            events.append((req.id, "done"))
 
-    def _admit(self) -> None:
+    def _admit(self, events) -> None:
         waiting = deque()
         while self.queue:
             req = self.queue.popleft()
-            if req.cancelled:
-                req.done, req.tokens = True, []
+            if req.cancelled:  # cancelled while queued: it never takes a row
+                req.done, req.tokens, req.t_done = True, [], time.perf_counter()
+                events.append((req.id, "done"))
                 continue
             lane = self.lanes.get(req.cfg)
             used = sum(len(l.active()) for l in self.lanes.values())

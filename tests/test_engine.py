@@ -124,3 +124,17 @@ def test_a_row_of_the_engine_layout_computes_bitwise_what_it_computes_alone(fami
     for b, p in enumerate(prompts):
         n = len(p) + G
         assert torch.equal(batch[b, :n], logits([p])[0, :n]), f"row {b} differs from alone"
+
+
+def test_a_request_cancelled_while_queued_ends_without_a_row(pipe):
+    cfg = DecodeConfig(gen_length=64, block_length=32, method="vanilla")
+    a, b, c = _prompts(pipe, 3, seed=12)
+    eng = Engine(pipe.executor, max_batch=1, max_len=128)
+    ha, hb, hc = (eng.submit(p, cfg, pipe.stop) for p in (a, b, c))
+    eng.step()
+    eng.cancel(hc)  # behind b in the queue
+    events = eng.step()
+    assert (hc, "done") in events and eng.result(hc).tokens == [] and eng.result(hc).row == -1
+    while eng.busy():
+        eng.step()
+    assert eng.result(hb).tokens == _alone(pipe, b, cfg)
