@@ -77,7 +77,7 @@ def plot(result: dict, path: str | Path) -> Path:
         fr = result["families"][fam]
         for i, curve in enumerate(CURVES):
             pts = sorted(((r["tokens_per_second"], r["accuracy"], r["value"]) for r in fr["methods"].values()
-                          if r["curve"] == curve), key=lambda p: p[0])
+                          if r["curve"] == curve), key=lambda p: p[2])  # along the knob
             if not pts:
                 continue
             xs, ys, vs = zip(*pts)
