@@ -7,6 +7,13 @@ FastDLLM   block-wise approximate KV cache (Fast-dLLM, arXiv 2505.22618 §3.2): 
 ESDLLM     early skipping (ES-dLLM, arXiv 2603.10088; research/algorithms.md §1): at the prune layers
            keep only the top-k rows by importance; skipped rows reuse cached K/V and hidden states;
            EOS proposals are delayed while the position before them is undecided.
+StreamingDLLM  the prefix cache with the suffix pruned to a window, the dynamic threshold, early exit
+           (Streaming-dLLM, arXiv 2601.17917; SuffixWindow).
+DyLLM      dense first forwards, then only the salient rows recompute K/V and FFN (arXiv 2603.08026).
+(One file for the five: they share the planning helpers and each is a small override of Vanilla.)
+
+Rows of one forward may sit at different blocks and steps (the in-flight engine): every per-row
+quantity is a tensor over the rows, and the host values that decide shapes come from active rows.
 
 plan(c) says which canvas rows a forward runs and with what plan (runtime/cache.py); commit(c, logits,
 pred) samples proposals, picks the block positions that take them (runtime/sampling.make_rule:
