@@ -66,6 +66,32 @@ class Cache:
         out.positions, out.key_valid = self.positions[:k], self.key_valid[:k]
         return out
 
+    def _tensors(self) -> list[tuple[str, object, Tensor]]:
+        out = [("k", i, t) for i, t in enumerate(self.k)] + [("v", i, t) for i, t in enumerate(self.v)]
+        for name in ("hidden", "ctx", "ffn"):
+            out += [(name, l, t) for l, t in getattr(self, name).items()]
+        out += [(name, None, getattr(self, name)) for name in ("dv", "positions", "key_valid")
+                if getattr(self, name) is not None]
+        return out
+
+    def take(self, rows: Tensor) -> "Cache":
+        """Batch rows `rows` [g] copied into a Cache of their own (write them back with put)."""
+        out = object.__new__(Cache)
+        out.batch, out.length = rows.numel(), self.length
+        out.k, out.v, out.hidden, out.ctx, out.ffn, out.dv = [None] * len(self.k), [None] * len(self.v), {}, {}, {}, None
+        for name, key, t in self._tensors():
+            sub = t.index_select(0, rows)
+            if key is None:
+                setattr(out, name, sub)
+            else:
+                getattr(out, name)[key] = sub
+        return out
+
+    def put(self, rows: Tensor, sub: "Cache") -> None:
+        """Write a Cache made by take(rows) back into these rows."""
+        for (name, key, t), (_, _, s) in zip(self._tensors(), sub._tensors()):
+            t.index_copy_(0, rows, s)
+
     def set_row(self, row: int, length: int) -> None:
         """Row `row` holds a canvas of `length` slots from slot 0 (prompt, then its generation); the
         slots after it are not keys. Its K/V and hidden caches are left as they are: a request's

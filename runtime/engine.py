@@ -135,20 +135,24 @@ class Lane:
 
 
 @contextlib.contextmanager
-def _narrowed(policy, k: int, B: int):
-    """The policy's per-row state (tensors of B rows) as views of its first k rows for one forward;
-    state it replaces rather than updates in place is copied back."""
+def _narrowed(policy, rows: int | Tensor, B: int):
+    """The policy's per-row state (tensors of B rows) for one forward over some rows: views of the
+    first `rows` rows (an int), or copies of the rows `rows` (a tensor). What is not a view of the
+    state afterwards (copies, replaced tensors) is written back."""
     full = {n: t for n, t in vars(policy).items() if isinstance(t, Tensor) and t.dim() and t.shape[0] == B}
-    views = {n: t[:k] for n, t in full.items()}
-    for n, v in views.items():
+    part = {n: (t[:rows] if isinstance(rows, int) else t.index_select(0, rows)) for n, t in full.items()}
+    for n, v in part.items():
         setattr(policy, n, v)
     try:
         yield
     finally:
         for n, t in full.items():
             cur = getattr(policy, n)
-            if cur is not views[n]:
-                t[:k].copy_(cur)
+            if isinstance(rows, int):
+                if cur is not part[n]:
+                    t[:rows].copy_(cur)
+            else:
+                t.index_copy_(0, rows, cur)
             setattr(policy, n, t)
 
 
@@ -275,8 +279,17 @@ class Engine:
             lane.admit(req, lane.free_rows()[0])
         self.queue = waiting
 
-    def _context(self, lane: Lane, phase, reqs: list[Request], B: int) -> StepContext:
-        """The forward's view of the lane's first B rows."""
+    def _context(self, lane: Lane, phase, reqs: list[Request], B: int, sel: Tensor | None = None) -> StepContext:
+        """The forward's view of the lane's first B rows, or (sel) of copies of the rows sel, in the
+        order of reqs."""
+        if sel is not None:
+            dev = lane.x.device
+            step = torch.tensor([r.step for r in reqs], device=dev)
+            s_host = [r.start + r.blk * r.cfg.block_length for r in reqs]
+            return StepContext(lane.x.index_select(0, sel), lane.s.index_select(0, sel), s_host,
+                               lane.cfg.block_length, step, phase, torch.ones(len(reqs), dtype=torch.bool, device=dev),
+                               lane.start.index_select(0, sel), lane.end.index_select(0, sel), [r.end for r in reqs],
+                               [r.start for r in reqs])
         rows = [r.row for r in reqs]
         dev = lane.x.device
         active = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -291,11 +304,18 @@ class Engine:
                            lane.start[:B], lane.end[:B], e_host, g_host)
 
     def _forward(self, lane: Lane, phase, reqs: list[Request], events) -> None:
-        B = lane.span()  # idle rows past the last occupied one cost nothing
-        c = self._context(lane, phase, reqs, B)
-        cache = lane.cache_for(B)
-        with _narrowed(lane.policy, B, lane.max_batch):
-            starting = [r.row for r in reqs if r.step == 0]
+        span = lane.span()  # idle rows past the last occupied one cost nothing
+        # a few rows of a wide lane (a newcomer's full forward, say) run on copies of their own rows
+        # rather than beside idle ones; static shapes and guidance keep the lane's layout
+        sel = None
+        if 2 * len(reqs) <= span and lane.cfg_pair == 1 and not lane.cfg.static_shapes:
+            sel = torch.tensor([r.row for r in reqs], device=lane.x.device)
+        B = span if sel is None else len(reqs)
+        at = {r.row: (i if sel is not None else r.row) for i, r in enumerate(reqs)}  # each row's place
+        c = self._context(lane, phase, reqs, B, sel)
+        cache = lane.cache_for(B) if sel is None else lane.cache.take(sel)
+        with _narrowed(lane.policy, B if sel is None else sel, lane.max_batch):
+            starting = [at[r.row] for r in reqs if r.step == 0]
             if starting:
                 rows = torch.zeros_like(c.active)
                 rows[starting] = True
@@ -306,6 +326,9 @@ class Engine:
                 plan.key_slots = torch.arange(keys, device=idx.device).expand(B, keys)
             logits, pred = self._run(lane, c, idx, plan, cache)
             lane.policy.commit(c, logits, pred)
+        if sel is not None:  # the copies' new state goes back into the lane's rows
+            lane.cache.put(sel, cache)
+            lane.x.index_copy_(0, sel, c.x)
         st = self.stats
         st.nfe, st.steps = st.nfe + 1, st.steps + 1
         rows = plan.rows_per_layer(idx.shape[1], self.executor.args.n_layers)
@@ -315,7 +338,7 @@ class Engine:
         for r in reqs:
             r.nfe, r.prev_step, r.step, r.step_cnt = r.nfe + 1, r.step, r.step + 1, r.step_cnt + 1
             r.batch_max, r.positions = max(r.batch_max, len(reqs)), r.positions + rows
-            if undecided[r.row]:
+            if undecided[at[r.row]]:
                 if r.step > spb + r.cfg.block_length:  # past its schedule every step commits a token
                     raise RuntimeError(f"request {r.id}: block {r.blk} is still undecided after {r.step} steps")
                 if r.stream_steps:
