@@ -14,8 +14,10 @@ leaves around it, nor on when it arrives (greedy, float32).
 
 A step. Every active request needs some kind of forward (Policy.phase: a full forward at a block
 start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane that need the same kind
-share one forward; the lane's other rows idle on the trash slot in it. So a step costs one forward
-per (lane, kind) present: at most 2 for fast-dllm (block starts, block steps), 1 for vanilla. A request
+share one forward: over the lane's rows up to the last occupied one, the others idling on the trash
+slot in it, or, for a group of at most half of those rows, over copies of its own rows (written back
+after). So a step costs one forward per (lane, kind) present: at most 2 for fast-dllm (block starts,
+block steps), 1 for vanilla. A request
 that joins does its own first forward while the others take their cached steps. A request is done
 when its last block is decided, when early exit finds EOS in a finished block, or when cancelled;
 its row is free for the next request at the following step.
