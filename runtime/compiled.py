@@ -19,22 +19,14 @@ from .cache import Cache, StepPlan
 MODES = ("compile", "cuda-graphs")
 
 
-class CompiledExecutor:
-    """Wraps a torch executor (or a Transformer): same args / device / dtype / new_cache, a compiled step."""
+class WrappedExecutor:
+    """A torch executor (or a Transformer) with another step: args, device, dtype, new_cache and
+    check_request are the base's. Its steps need shapes decided on the host."""
 
-    static_shapes = True  # generate() decodes with DecodeConfig.static_shapes
-    mode = "compile"
+    static_shapes = True  # generate() and the engine decode with DecodeConfig.static_shapes
 
     def __init__(self, base):
-        import torch._dynamo.config as dynamo_config
-        import torch._inductor.config as inductor_config
-        # every forward kind (full, block, block start, prune layers listed or not) is its own graph
-        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
-        if base.device.type == "cpu":  # constant weights: oneDNN prepacks them for the small-M GEMMs
-            inductor_config.freezing = True
         self.base = base
-        model = getattr(base, "model", base)  # a TorchExecutor's Transformer, or the Transformer itself
-        self._step = torch.compile(model.step)
 
     @property
     def args(self):
@@ -54,6 +46,23 @@ class CompiledExecutor:
     def check_request(self, batch: int, prompt_len: int, gen_length: int) -> None:
         if hasattr(self.base, "check_request"):
             self.base.check_request(batch, prompt_len, gen_length)
+
+
+class CompiledExecutor(WrappedExecutor):
+    """The base's step through torch.compile."""
+
+    mode = "compile"
+
+    def __init__(self, base):
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+        # every forward kind (full, block, block start, prune layers listed or not) is its own graph
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        if base.device.type == "cpu":  # constant weights: oneDNN prepacks them for the small-M GEMMs
+            inductor_config.freezing = True
+        super().__init__(base)
+        model = getattr(base, "model", base)  # a TorchExecutor's Transformer, or the Transformer itself
+        self._step = torch.compile(model.step)
 
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None):
         return self._step(tokens, idx, cache, plan)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .cache import Cache, StepPlan
+from .compiled import WrappedExecutor
 
 
 def _flatten(tokens: Tensor, idx: Tensor, plan: StepPlan) -> tuple[list[Tensor], tuple]:
@@ -96,39 +97,20 @@ class _Graph:
         return tuple(t.clone() for t in self.replayer.replay())
 
 
-class GraphedExecutor:
+class GraphedExecutor(WrappedExecutor):
     """A torch executor (or Transformer) whose steps replay CUDA graphs; same interface."""
 
-    static_shapes = True  # generate() decodes with DecodeConfig.static_shapes
     mode = "cuda-graphs"
 
     def __init__(self, base, replayer=None):
         if replayer is None and base.device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device; the model is on {base.device}")
-        self.base, self.replayer = base, replayer or CudaReplay
+        super().__init__(base)
+        self.replayer = replayer or CudaReplay
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
         self.cache_id = None
         self.stats = {"eager": 0, "recorded": 0, "replayed": 0}
-
-    @property
-    def args(self):
-        return self.base.args
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    def new_cache(self, batch: int, length: int, hidden_layers: tuple[int, ...] = (), saliency: bool = False) -> Cache:
-        return self.base.new_cache(batch, length, hidden_layers, saliency)
-
-    def check_request(self, batch: int, prompt_len: int, gen_length: int) -> None:
-        if hasattr(self.base, "check_request"):
-            self.base.check_request(batch, prompt_len, gen_length)
 
     def step(self, tokens: Tensor, idx: Tensor, cache: Cache, plan: StepPlan | None = None):
         plan = plan or StepPlan()

@@ -214,10 +214,6 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.queue) or any(lane.active() for lane in self.lanes.values())
 
-    def drop_idle_lanes(self) -> None:
-        """Free the caches of lanes with no request (they are made again on demand)."""
-        for cfg in [c for c, l in self.lanes.items() if not l.active()]:
-            del self.lanes[cfg]
 
     def decided(self, handle: int) -> list[int]:
         """The request's decided prefix: tokens before its first undecided position (final)."""
