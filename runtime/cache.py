@@ -122,7 +122,9 @@ class StepPlan:
     confidence, bonus: [B, L + 1] float32 importance inputs in canvas coordinates (ES-dLLM).
     top2: added at each prune layer to the two most confident rows alive there (ES-dLLM).
     key_slots: [B, nk] int64, the cache slots this forward attends to, in canvas order (the trash slot
-        pads; Streaming-dLLM's pruned suffix is left out); None: every slot.
+        pads; Streaming-dLLM's pruned suffix is left out); None: every slot, or the first key_len.
+    key_len: with key_slots None, attend to slots [0, key_len) only, as a view (the engine's rows
+        end before the canvas does: the slots past the last end hold no key).
     write_context: store every row's attention context and FFN output (DyLLM's dense steps).
     salient: [B, n] bool, DyLLM's sparse step: the rows whose input changed since their caches were
         written (the tokens committed last step); tau: the saliency threshold; padded: static shapes.
@@ -136,14 +138,17 @@ class StepPlan:
     alpha: float = 0.5
     top2: float = 0.0
     key_slots: Tensor | None = None
+    key_len: int | None = None
     write_context: bool = False
     salient: Tensor | None = None
     tau: float = 0.99
     padded: bool = False
 
     def keys(self, cache: "Cache") -> Tensor:
-        """[B, nk] bool: which of the key slots (key_slots, or all L + 1) are real keys."""
-        return cache.key_valid if self.key_slots is None else cache.key_valid.gather(1, self.key_slots)
+        """[B, nk] bool: which of the key slots (key_slots, the first key_len, or all L + 1) are real keys."""
+        if self.key_slots is not None:
+            return cache.key_valid.gather(1, self.key_slots)
+        return cache.key_valid if self.key_len is None else cache.key_valid[:, : self.key_len]
 
     def rows_per_layer(self, n: int, n_layers: int) -> float:
         """Rows processed per layer, averaged over layers (the dense compute of one forward of n rows)."""
@@ -162,7 +167,7 @@ class StepContext:
     x: [B, L] canvas (mask_id where undecided), written by the policy's commit; s: [B] int64 start of
     each row's current block, s_host the same on the host (shapes are decided from host values); bl:
     block length; step: [B] each row's step inside its block; phase: what kind of forward this is
-    (Policy.phase, the same for every row of a forward); active: [B] bool, rows that decode (the
+    (Policy.kind of the rows' phases, the same for every row of a forward); active: [B] bool, rows that decode (the
     others idle on the trash slot); gen_start: the canvas column where generation begins, one int
     for every row or [B]; end, end_host: [B] where each row's canvas ends (None: at L). Host lists
     hold active rows' values (the idle rows repeat one of them), so they never widen a shape.
@@ -179,6 +184,7 @@ class StepContext:
     end: Tensor | None = None
     end_host: list[int] | None = None
     start_host: list[int] | None = None   # gen_start on the host when it is a tensor
+    phases: list | None = None             # each row's own phase, when rows of one kind differ in it
 
     @property
     def ends(self) -> Tensor:

@@ -1,8 +1,9 @@
 """gRPC client of the `esdllm` Triton model, and a concurrent load test.
 
-request        one prompt over a gRPC stream (the model is decoupled, so always a stream):
-               text, stats, the streamed deltas, or the server's error
-bench_serve    N requests from C concurrent clients: throughput, p50/p99 latency, errors, whether
+request        one prompt over a fresh connection and gRPC stream (the model is decoupled, so
+               always a stream): text, stats, the streamed deltas, or the server's error
+Session        a connection and stream kept open for requests one after another
+bench_serve    N requests from C concurrent clients (a kept connection each): throughput, p50/p99 latency, errors, whether
                every response equals the same request served alone, and exact match on task prompts
 register       adds `esdllm client` and `esdllm bench-serve` to the CLI
 tritonclient is imported inside these functions only, so the runtime imports without it.
@@ -57,12 +58,42 @@ def make_inputs(values: dict):
     return out
 
 
+def _collect(q: queue.Queue, reply: Reply, t0: float, deadline: float, on_text, cancel_after) -> bool:
+    """Fill reply from the stream's responses until the final one. -> whether to cancel the stream."""
+    while True:
+        try:
+            result, error = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return True  # the caller words the timeout
+        if error is not None:
+            reply.error = str(error)
+            if "Exceeds maximum queue size" in reply.error:  # Triton's words for a full queue
+                reply.error = f"server busy, try again later: {reply.error}"
+            return False
+        resp = result.get_response()
+        names = {o.name for o in resp.outputs}
+        if "text_output" in names:
+            chunk = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")
+            reply.chunks.append(chunk)
+            if reply.first_chunk_s is None and chunk:
+                reply.first_chunk_s = time.perf_counter() - t0
+            if on_text is not None:
+                on_text(chunk)
+        if "stats" in names:
+            reply.stats = json.loads(result.as_numpy("stats").reshape(-1)[0])
+        if resp.parameters["triton_final_response"].bool_param:
+            return False
+        if cancel_after is not None and len(reply.chunks) >= cancel_after:
+            reply.error = "cancelled by the client"
+            return True
+
+
 def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, timeout: float = 300.0,
             cancel_after: int | None = None, headers: dict | None = None) -> Reply:
-    """Send one request over a fresh gRPC stream and collect its responses until the final one.
-    on_text(chunk) sees every text_output as it arrives. cancel_after=k: hang up after k responses.
-    timeout bounds the whole request: at the deadline the stream is cancelled (the server stops
-    decoding it) and the reply carries the error."""
+    """Send one request over a fresh connection and gRPC stream and collect its responses until the
+    final one. on_text(chunk) sees every text_output as it arrives. cancel_after=k: hang up after k
+    responses. timeout bounds the whole request: at the deadline the stream is cancelled (the server
+    stops decoding it) and the reply carries the error."""
     import tritonclient.grpc as grpcclient
     q: queue.Queue = queue.Queue()
     reply, t0 = Reply(), time.perf_counter()
@@ -72,33 +103,9 @@ def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, ti
     try:
         client.start_stream(callback=lambda result, error: q.put((result, error)), headers=headers)
         client.async_stream_infer(model, make_inputs(inputs), enable_empty_final_response=True)
-        while True:
-            try:
-                result, error = q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                reply.error, cancel = f"no final response within {timeout} s (cancelled)", True
-                break
-            if error is not None:
-                reply.error = str(error)
-                if "Exceeds maximum queue size" in reply.error:  # Triton's words for a full queue
-                    reply.error = f"server busy, try again later: {reply.error}"
-                break
-            resp = result.get_response()
-            names = {o.name for o in resp.outputs}
-            if "text_output" in names:
-                chunk = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")
-                reply.chunks.append(chunk)
-                if reply.first_chunk_s is None and chunk:
-                    reply.first_chunk_s = time.perf_counter() - t0
-                if on_text is not None:
-                    on_text(chunk)
-            if "stats" in names:
-                reply.stats = json.loads(result.as_numpy("stats").reshape(-1)[0])
-            if resp.parameters["triton_final_response"].bool_param:
-                break
-            if cancel_after is not None and len(reply.chunks) >= cancel_after:
-                reply.error, cancel = "cancelled by the client", True
-                break
+        cancel = _collect(q, reply, t0, deadline, on_text, cancel_after)
+        if cancel and reply.error is None:
+            reply.error = f"no final response within {timeout} s (cancelled)"
     finally:
         # a plain stop_stream() waits for every pending request: after an error or a deadline that
         # could be forever (a dead stub never answers), so those cancel
@@ -106,6 +113,45 @@ def request(url: str, inputs: dict, *, model: str = MODEL_NAME, on_text=None, ti
         client.close()
     reply.text, reply.seconds = "".join(reply.chunks), time.perf_counter() - t0
     return reply
+
+
+class Session:
+    """One connection and gRPC stream kept open for requests sent one after another, as a client
+    that sends more than one request would: no connection setup in each request's latency.
+
+        with Session(url) as s:
+            s.request({"text_input": "rot13: abc ->"}).text
+    """
+
+    def __init__(self, url: str, *, model: str = MODEL_NAME, headers: dict | None = None):
+        import tritonclient.grpc as grpcclient
+        self.model, self.q = model, queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=lambda result, error: self.q.put((result, error)), headers=headers)
+        self.broken = False
+
+    def request(self, inputs: dict, *, on_text=None, timeout: float = 300.0) -> Reply:
+        """One request on the open stream (the previous one has ended). A timeout closes the session."""
+        if self.broken:
+            raise RuntimeError("this session's stream was cancelled after a timeout; open a new Session")
+        reply, t0 = Reply(), time.perf_counter()
+        self.client.async_stream_infer(self.model, make_inputs(inputs), enable_empty_final_response=True)
+        if _collect(self.q, reply, t0, time.monotonic() + timeout, on_text, None):
+            reply.error, self.broken = f"no final response within {timeout} s (cancelled)", True
+            self.close()
+        reply.text, reply.seconds = "".join(reply.chunks), time.perf_counter() - t0
+        return reply
+
+    def close(self) -> None:
+        self.client.stop_stream(cancel_requests=self.broken)
+        self.client.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.broken:
+            self.close()
 
 
 # held-out problems of the synthetic task (two of each op, 8 to 32 letters each): the
@@ -130,14 +176,21 @@ def bench_serve(url: str, concurrency: int, n_requests: int, knobs: dict, prompt
     results: list[Reply | None] = [None] * n_requests
     lock, nxt = threading.Lock(), [0]
 
-    def worker():
-        while True:
-            with lock:
-                i = nxt[0]
-                nxt[0] += 1
-            if i >= n_requests:
-                return
-            results[i] = request(url, {"text_input": jobs[i], **knobs}, model=model, timeout=timeout)
+    def worker():  # each client keeps its connection, as a real one would
+        sess = Session(url, model=model)
+        try:
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= n_requests:
+                    return
+                if sess.broken:
+                    sess = Session(url, model=model)
+                results[i] = sess.request({"text_input": jobs[i], **knobs}, timeout=timeout)
+        finally:
+            if not sess.broken:
+                sess.close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]

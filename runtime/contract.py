@@ -150,8 +150,8 @@ def step_feeds(args: ModelArgs, prune_layers: tuple[int, ...], tokens: Tensor, i
     if B != cache.batch:
         raise ValueError(f"idx has batch {B}, the cache {cache.batch}")
     variant = variant_of(plan, cache)
-    slots = plan.key_slots if plan.key_slots is not None else \
-        idx.new_tensor(range(cache.length + 1)).expand(B, cache.length + 1)
+    n_keys = cache.length + 1 if plan.key_len is None else plan.key_len
+    slots = plan.key_slots if plan.key_slots is not None else idx.new_tensor(range(n_keys)).expand(B, n_keys)
     feeds = {"tokens": tokens, "idx": idx, "positions": cache.positions, "key_valid": cache.key_valid,
              "key_slots": slots}
     if variant == "skip":

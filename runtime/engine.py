@@ -6,15 +6,16 @@ one denoising step at a time by `step()`.
     while eng.busy(): eng.step()          # each call: one step for every active request
     eng.result(h).tokens
 
-Layout. A lane holds the requests of one DecodeConfig: one canvas [max_batch, max_len] and one
+Layout. A lane holds the requests of one DecodeConfig up to the generation length (`lane_key`:
+requests that differ only in max_tokens share rows and forwards, each row has its own end): one canvas [max_batch, max_len] and one
 Cache of max_batch rows (+ the trash slot), one batched policy. A request's row holds its prompt
 from slot 0, then its generation, then nothing (slots that are not keys), exactly the canvas it
 has alone, so its arithmetic is the one it has alone: its tokens do not depend on who joins or
 leaves around it, nor on when it arrives (greedy, float32).
 
 A step. Every active request needs some kind of forward (Policy.phase: a full forward at a block
-start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane that need the same kind
-share one forward: over the lane's rows up to the last occupied one, the others idling on the trash
+start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane whose phases are of one
+kind (Policy.kind: ES-dLLM's cached steps with and without skipping are one) share one forward: over the lane's rows up to the last occupied one, the others idling on the trash
 slot in it, or, for a group of at most half of those rows, over copies of its own rows (written back
 after). So a step costs one forward per (lane, kind) present: at most 2 for fast-dllm (block starts,
 block steps), 1 for vanilla. A request
@@ -42,6 +43,13 @@ from .config import DecodeConfig, Stats
 from .policies import make_policy
 
 
+def lane_key(cfg: DecodeConfig) -> DecodeConfig:
+    """The config of the lane a request decodes in: its own with the generation length taken out.
+    A policy reads the length only as steps per block (each row carries its own end), so this keeps
+    those and sets one block."""
+    return cfg.replace(gen_length=cfg.block_length, steps=cfg.n_steps // (cfg.gen_length // cfg.block_length))
+
+
 @dataclass
 class Request:
     """One request's host-side state (its device state is its row in a lane)."""
@@ -50,12 +58,14 @@ class Request:
     cfg: DecodeConfig
     stop_ids: set[int]
     stream_steps: bool = False
+    key: DecodeConfig | None = None  # lane_key(cfg): the lane it decodes in
     lane: "Lane | None" = None
     row: int = -1
     blk: int = 0                 # current block
     step: int = 0                # step inside the current block
     step_cnt: int = 0            # this request's forwards so far, aligned to blocks (refresh periods)
     prev_step: int | None = None  # step inside its block of this request's previous forward
+    phase: object = None         # what its forward this step is (Policy.phase)
     done: bool = False
     cancelled: bool = False
     error: str | None = None
@@ -190,7 +200,7 @@ class Engine:
                              f"{len(prompt) + cfg.gen_length} exceeds the engine's maximum length {self.max_len}")
         args = self.executor.args
         req = Request(next(self.ids), list(prompt), cfg, set(stop_ids) if stop_ids is not None else {args.eos_id},
-                      stream_steps)
+                      stream_steps, lane_key(cfg))
         self.requests[req.id] = req
         self.queue.append(req)
         return req.id
@@ -234,8 +244,8 @@ class Engine:
         for lane in list(self.lanes.values()):
             groups: dict[object, list[Request]] = {}
             for req in lane.active():
-                ph = lane.policy.phase(req.step, req.step_cnt, req.prev_step)
-                groups.setdefault(ph, []).append(req)
+                req.phase = lane.policy.phase(req.step, req.step_cnt, req.prev_step)
+                groups.setdefault(lane.policy.kind(req.phase), []).append(req)
             for phase, reqs in groups.items():
                 try:
                     self._forward(lane, phase, reqs, events)
@@ -262,7 +272,8 @@ class Engine:
                 req.done, req.tokens, req.t_done = True, [], time.perf_counter()
                 events.append((req.id, "done"))
                 continue
-            lane = self.lanes.get(req.cfg)
+            key = req.key
+            lane = self.lanes.get(key)
             used = sum(len(l.active()) for l in self.lanes.values())
             if lane is None and len(self.lanes) >= self.max_lanes:  # an idle lane makes room
                 idle = next((c for c, l in self.lanes.items() if not l.active()), None)
@@ -272,7 +283,7 @@ class Engine:
                 waiting.append(req)
                 continue
             if lane is None:
-                lane = self.lanes[req.cfg] = Lane(self.executor, req.cfg, self.max_batch, self.max_len, self.gen)
+                lane = self.lanes[key] = Lane(self.executor, key, self.max_batch, self.max_len, self.gen)
                 self.stats.extra["cache_bytes"] = max(self.stats.extra.get("cache_bytes", 0), lane.cache.nbytes())
             lane.admit(req, lane.free_rows()[0])
         self.queue = waiting
@@ -287,7 +298,7 @@ class Engine:
             return StepContext(lane.x.index_select(0, sel), lane.s.index_select(0, sel), s_host,
                                lane.cfg.block_length, step, phase, torch.ones(len(reqs), dtype=torch.bool, device=dev),
                                lane.start.index_select(0, sel), lane.end.index_select(0, sel), [r.end for r in reqs],
-                               [r.start for r in reqs])
+                               [r.start for r in reqs], [r.phase for r in reqs])
         rows = [r.row for r in reqs]
         dev = lane.x.device
         active = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -296,10 +307,12 @@ class Engine:
         step[rows] = torch.tensor([r.step for r in reqs], device=dev)
         s_host, e_host, g_host = [reqs[0].start + reqs[0].blk * reqs[0].cfg.block_length] * B, \
             [reqs[0].end] * B, [reqs[0].start] * B  # idle rows repeat an active row: no shape widens
+        phases = [reqs[0].phase] * B
         for r in reqs:
             s_host[r.row], e_host[r.row], g_host[r.row] = r.start + r.blk * r.cfg.block_length, r.end, r.start
+            phases[r.row] = r.phase
         return StepContext(lane.x[:B], lane.s[:B], s_host, lane.cfg.block_length, step, phase, active,
-                           lane.start[:B], lane.end[:B], e_host, g_host)
+                           lane.start[:B], lane.end[:B], e_host, g_host, phases)
 
     def _forward(self, lane: Lane, phase, reqs: list[Request], events) -> None:
         span = lane.span()  # idle rows past the last occupied one cost nothing
@@ -321,7 +334,7 @@ class Engine:
             idx, plan = lane.policy.plan(c)
             keys = max(c.ends_host)
             if plan.key_slots is None and keys < lane.L:  # attend to the slots these rows have, not max_len
-                plan.key_slots = torch.arange(keys, device=idx.device).expand(B, keys)
+                plan.key_len = keys
             logits, pred = self._run(lane, c, idx, plan, cache)
             lane.policy.commit(c, logits, pred)
         if sel is not None:  # the copies' new state goes back into the lane's rows

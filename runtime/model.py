@@ -113,22 +113,26 @@ class Attention(nn.Module):
         return t if sin is None else apply_rope(t, cos, sin, self.a.rope_full_precision)
 
     def context(self, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, k_cache: Tensor, v_cache: Tensor,
-                key_valid: Tensor, ops: OpBackend, key_slots: Tensor | None = None) -> Tensor:
+                key_valid: Tensor, ops: OpBackend, key_slots: Tensor | None = None,
+                key_len: int | None = None) -> Tensor:
         """The attention output before wo, heads flattened: x [B, n, dim] -> [B, n, H * hd].
         rows: [B, n] canvas slots of x; caches [B, Hkv, L+1, hd] (updated in place); key_slots
-        [B, nk]: attend to these slots only (key_valid [B, nk] then says which are real)."""
+        [B, nk]: attend to these slots only (key_valid [B, nk] then says which are real); key_len: the
+        first key_len slots only (a view)."""
         a = self.a
         q = self.heads(self.wq, x, a.n_heads, cos, sin)
         # the rows' fresh K/V go into the cache first, so they override the stale ones: one write, no copy
         k_cache = ops.cache_merge(k_cache, self.heads(self.wk, x, a.n_kv_heads, cos, sin), rows, 2)
         v_cache = ops.cache_merge(v_cache, self.heads(self.wv, x, a.n_kv_heads, cos, None), rows, 2)
-        return _flat(ops.partial_attention(q, *_keys(k_cache, v_cache, key_slots), key_valid))
+        return _flat(ops.partial_attention(q, *_keys(k_cache, v_cache, key_slots, key_len), key_valid))
 
 
-def _keys(k_cache: Tensor, v_cache: Tensor, key_slots: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The K/V of the slots key_slots [B, nk] ([B, Hkv, nk, hd] each), or the whole caches."""
+def _keys(k_cache: Tensor, v_cache: Tensor, key_slots: Tensor | None, key_len: int | None = None
+          ) -> tuple[Tensor, Tensor]:
+    """The K/V of the slots key_slots [B, nk] ([B, Hkv, nk, hd] each), of the first key_len, or the
+    whole caches."""
     if key_slots is None:
-        return k_cache, v_cache
+        return (k_cache, v_cache) if key_len is None else (k_cache[:, :, :key_len], v_cache[:, :, :key_len])
     i = key_slots[:, None, :, None].expand(-1, k_cache.shape[1], -1, k_cache.shape[-1])
     return k_cache.gather(2, i), v_cache.gather(2, i)
 
@@ -152,10 +156,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, key_slots=None, dy=None):
+    def forward(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, key_slots=None,
+                key_len=None, dy=None):
         """dy: (context cache, FFN cache) [B, L+1, *] to write the rows' values into (DyLLM's dense steps)."""
         ctx = self.attention.context(self.attention_norm(x), cos, sin, rows, k_cache, v_cache, key_valid, ops,
-                                     key_slots)
+                                     key_slots, key_len)
         x = x + self.attention.wo(ctx)
         f = self.feed_forward(self.ffn_norm(x))
         if dy is not None:
@@ -163,8 +168,8 @@ class Block(nn.Module):
             ops.cache_merge(dy[1], f, rows, 1)
         return x + f
 
-    def forward_salient(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, key_slots, dy,
-                        salient, tau: float, padded: bool):
+    def forward_salient(self, x, cos, sin, rows, k_cache, v_cache, key_valid, ops: OpBackend, key_slots,
+                        key_len, dy, salient, tau: float, padded: bool):
         """DyLLM's sparse layer (algorithms.md §2; younjoo0614/DyLLM models/llada.py, attention.py,
         line numbers theirs). Only the salient rows (salient [B, n] bool) recompute K/V; every row
         attends: salient rows exactly, the others by the delta update C_old + softmax(q K^T) dV
@@ -190,9 +195,9 @@ class Block(nn.Module):
         v_cache = ops.cache_merge(v_cache, v, grows, 2)
         dv = torch.zeros_like(v_cache) if dv is None else dv
         dv = ops.cache_merge(dv, v - v_old, grows, 2)
-        delta = _flat(ops.partial_attention(q, *_keys(k_cache, dv, key_slots), key_valid))
+        delta = _flat(ops.partial_attention(q, *_keys(k_cache, dv, key_slots, key_len), key_valid))
         dv = ops.cache_merge(dv, torch.zeros_like(v), grows, 2)  # clean for the next layer
-        exact = _flat(ops.partial_attention(_take(q, gi, 2), *_keys(k_cache, v_cache, key_slots), key_valid))
+        exact = _flat(ops.partial_attention(_take(q, gi, 2), *_keys(k_cache, v_cache, key_slots, key_len), key_valid))
         c_old = ctx_cache.gather(1, rows[..., None].expand(-1, -1, delta.shape[-1]))
         c_new = _put(c_old + delta, gi, exact)
         # saliency test over all heads, fp32, squared norms clamped at 1e-8 (attention_ops_kernels.cu:28-47)
@@ -249,7 +254,7 @@ class Transformer(nn.Module):
         key_valid = plan.keys(cache)
         salient = plan.salient
         for l, layer in enumerate(self.layers):
-            args = (h, cos, sin, rows, cache.k[l], cache.v[l], key_valid, ops, plan.key_slots)
+            args = (h, cos, sin, rows, cache.k[l], cache.v[l], key_valid, ops, plan.key_slots, plan.key_len)
             if salient is not None:
                 h, salient = layer.forward_salient(*args, (cache.ctx[l], cache.ffn[l], cache.dv), salient,
                                                    plan.tau, plan.padded)

@@ -109,6 +109,11 @@ class Vanilla:
         a forward at step prev_step (rows of one forward share it)."""
         return "full"
 
+    def kind(self, phase):
+        """The forward a row of this phase joins: rows of one kind share a forward, and plan() sees
+        each row's own phase in StepContext.phases. Default: the phase itself."""
+        return phase
+
     def reset_rows(self, rows: list[int]) -> None:
         """Rows `rows` take new requests: forget what earlier ones left in the policy's state."""
 
@@ -295,6 +300,7 @@ class ESDLLM(Vanilla):
         self.last = None          # [B, L + 1] bool, rows of the tokens committed in the previous step
         self.n_last = None        # [B]
         self.leftmost = None      # [B] leftmost row of the previous step's commits
+        self.dense = None         # [B] bool, set by plan() for commit(): see kind()
 
     def _init(self, x: Tensor) -> None:
         B, dev = x.shape[0], x.device
@@ -337,12 +343,25 @@ class ESDLLM(Vanilla):
         # static shapes keep them apart, their row counts differ
         return ("start" if step == 0 else "block") if cfg.static_shapes else "cached", skip, last_max
 
+    def kind(self, phase):
+        """Cached steps with and without skipping share a forward (dynamic shapes): a row at an
+        all-update step keeps every row at the prune layers, which is its forward alone."""
+        if not self.cfg.static_shapes and phase[0] == "cached":
+            return ("cached", None, None)
+        return phase
+
     def plan(self, c: StepContext) -> tuple[Tensor, StepPlan]:
         cfg, sh, B, dev = self.cfg, self.sh, c.x.shape[0], c.x.device
         if self.conf is None:
             self._init(c.x)
         span, skip, last_max = (*c.phase, c.bl)[:3]  # (span, skip) alone: last step may have taken the block
         last_max = c.bl if last_max is None else last_max
+        self.dense = None  # [B] bool: rows of a skipping forward that skip nothing (their own phase)
+        if skip is None:  # a merged kind: each row's phase says
+            flags = [p[1] for p in c.phases]
+            skip = any(flags)
+            if skip and not all(flags):
+                self.dense = torch.tensor([not f for f in flags], device=dev) & c.active
         if span == "full":
             idx, plan = self.full(c)
             plan.write_hidden = True
@@ -373,6 +392,8 @@ class ESDLLM(Vanilla):
         keep, alive = {}, n
         for layer, p in sorted(self.schedule.items()):
             k_row = torch.maximum((p * n_fwd.double()).floor().long(), floor_k).clamp(max=n)  # :462
+            if self.dense is not None:
+                k_row = torch.where(self.dense, n, k_row)
             k_row = torch.where(c.active, k_row, 0)
             if cfg.static_shapes:  # k_row's bound from host values (n, p, last step's most commits);
                 k_max, k_min = min(n, max(math.floor(p * n), min(last_max + 2, c.bl))), 0  # any row may prune
@@ -433,7 +454,11 @@ class ESDLLM(Vanilla):
         in_block = (local >= 0) & (local < c.bl)
         target_masked = in_block & (torch.cat([c.x, c.x[:, :1]], 1).gather(1, pred.clamp(0, L)) == self.args.mask_id)
         rows = (pred - sh).clamp(0, L)
-        self.conf.scatter_(1, rows, torch.where(target_masked, conf.float(), 0.0))  # after this step's commit
+        new = torch.where(target_masked, conf.float(), 0.0)
+        if self.dense is not None:  # alone, an all-update step writes the rows predicting its block only
+            new = torch.where(self.dense[:, None] & ~in_block, self.conf.gather(1, rows), new)
+            self.dense = None
+        self.conf.scatter_(1, rows, new)  # after this step's commit
         self.conf[:, self.trash] = -1.0
         # Rows idle this step (block already done) keep their state, as they would alone.
         a = c.active

@@ -23,11 +23,13 @@ SCHEDULERS = ("inflight", "batch")
 
 def repo_values(artifacts: str | Path | None = None, model: str | Path | None = None, *, executor: str = "auto",
                 device: str = "auto", dtype: str | None = None, max_batch: int | None = None,
-                max_tokens: int | None = None, max_prompt: int | None = None, queue_delay_us: int = 5000,
+                max_tokens: int | None = None, max_prompt: int | None = None, queue_delay_us: int | None = None,
                 max_queue: int | None = None, chat: bool = False, decode: dict | None = None, model_name: str = MODEL_NAME,
                 scheduler: str = "inflight", instances: int = 1) -> dict:
     """Values for config.pbtxt. The artifacts' build profile (engine.json) sets the batch, gen and
-    prompt limits and the default block length unless a flag overrides them."""
+    prompt limits and the default block length unless a flag overrides them. queue_delay_us None:
+    0 in-flight (the engine admits between steps, so holding a request back only adds latency),
+    5 ms batch-at-a-time (a request waits for company to decode with)."""
     build, hf_dir = None, None
     if artifacts is not None:
         from .artifacts import EngineSpec
@@ -52,6 +54,10 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULERS}")
+    if queue_delay_us is None:
+        queue_delay_us = 0 if scheduler == "inflight" else 5000
+    if queue_delay_us < 0:
+        raise ValueError(f"queue_delay_us must be >= 0, got {queue_delay_us}")
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
     if str(device).startswith("cuda"):  # one instance per GPU, each on its own device
@@ -169,7 +175,8 @@ def register(subparsers) -> None:
                    "artifacts' gen length)")
     p.add_argument("--max-prompt", type=int, default=None, help="longest prompt in tokens (default: the "
                    "artifacts' or the model's max length minus --max-tokens)")
-    p.add_argument("--queue-delay-us", type=int, default=5000, help="dynamic batcher max queue delay")
+    p.add_argument("--queue-delay-us", type=int, default=None,
+                   help="dynamic batcher max queue delay (default: 0 in-flight, 5000 batch-at-a-time)")
     p.add_argument("--scheduler", default="inflight", choices=SCHEDULERS,
                    help="inflight: requests join and leave between denoising steps (default); batch: a batch "
                         "of queued requests decodes to its end before the next starts")

@@ -5,8 +5,9 @@ letter-string problems with exact checkers, reported separately.
             atbash (a<->z), upper, double ("abc" -> "aabbcc"); 16-32 answer letters
     perm    "perm: qwert ->"              -> "rtewq"              ANY permutation of the 4-12 distinct
             letters: every answer letter is uncertain on its own, jointly constrained (no repeats)
-    chain   "chain: qwert ->"             -> "rtewq degjd"        a permutation, a space, then rot13 of
-            that permutation: the second half is unpredictable until the first half is decided
+    chain   "chain: qwert ->"             -> "re tg er wj qd"     a permutation written as pairs, each
+            letter followed by its rot13: every pair's second letter is unknowable until its first
+            is decided
     long    the four maps on 4 to 240 letters, answered in a 512-token canvas: answers of a few to a
             few hundred tokens, with most of a long canvas EOS after an early answer
 
@@ -17,6 +18,11 @@ and `chain` several answers are right and mixing two of them is wrong ("New York
 repeat a letter or break the rot13 link, while one token a step (or a confidence threshold, which
 commits uncertain tokens one at a time) conditions each choice on the last. `long` is where suffix
 pruning and early exit pay: a short answer leaves hundreds of EOS positions behind it.
+
+`chain` once wrote the whole permutation, a space, then its rot13 ("rtewq degjd"). At 0.9M
+parameters that form stayed at 0.06 held-out after 6,000 steps: letter i of the second half must
+find letter i of the first half n + 1 places back, which needs the count n. Interleaving keeps the
+chained dependency (a later token follows from an earlier, undecided one) at a distance of one.
 
 Every prompt ends in " ->": a bidirectional model sees answer letters and prompt letters alike, so
 without a terminator it could not tell where the prompt stops. A problem belongs to the held-out
@@ -78,6 +84,11 @@ def _length(rng: random.Random, family: str, op: str) -> int:
     return rng.randint(lo, hi)
 
 
+def _pairs(p: str) -> str:
+    """chain's answer for the permutation p: "rtw" -> "re tg wj"."""
+    return " ".join(c + _map("rot13", c) for c in p)
+
+
 def make_problem(rng: random.Random, op: str | None = None, family: str = "maps") -> Problem:
     """One problem drawn with `rng` (any split); `op` None picks one of the family's ops uniformly."""
     if family not in FAMILIES:
@@ -89,7 +100,7 @@ def make_problem(rng: random.Random, op: str | None = None, family: str = "maps"
     if op in ("perm", "chain"):
         s = "".join(rng.sample(LETTERS, n))
         p = "".join(rng.sample(s, n))  # one valid answer, drawn at random: training sees many
-        answer = p if op == "perm" else f"{p} {_map('rot13', p)}"
+        answer = p if op == "perm" else _pairs(p)
     else:
         s = "".join(rng.choice(LETTERS) for _ in range(n))
         answer = _map(op, s)
@@ -152,8 +163,9 @@ def _valid(op: str, s: str, text: str) -> bool:
         return text == _map(op, s)
     if op == "perm":
         return sorted(text) == sorted(s)
-    first, sep, second = text.partition(" ")
-    return bool(sep) and sorted(first) == sorted(s) and second == _map("rot13", first)
+    pairs = text.split(" ")
+    return (all(len(q) == 2 and q[1] == _map("rot13", q[0]) for q in pairs)
+            and sorted(q[0] for q in pairs) == sorted(s))
 
 
 def grade(prompt: str, completion: str) -> bool | None:
@@ -174,7 +186,7 @@ def solve(prompt: str) -> str | None:
     if parsed is None:
         return None
     op, s = parsed
-    return s if op == "perm" else f"{s} {_map('rot13', s)}" if op == "chain" else _map(op, s)
+    return s if op == "perm" else _pairs(s) if op == "chain" else _map(op, s)
 
 
 def verify(problem: Problem) -> bool:

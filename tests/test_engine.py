@@ -49,13 +49,15 @@ def _drive(eng, arrivals, cancels=()):
 
 @pytest.mark.parametrize("preset", list(DECODE_PRESETS))
 def test_staggered_arrivals_and_cancellations_give_the_tokens_alone(pipe, preset):
-    cfg = DecodeConfig(gen_length=64, block_length=32, **DECODE_PRESETS[preset])
+    # requests that differ in max_tokens only share a lane: rows of 1, 2 and 3 blocks side by side
+    cfgs = [DecodeConfig(gen_length=g, block_length=32, **DECODE_PRESETS[preset]) for g in (64, 32, 96)]
     prompts = _prompts(pipe, 6)
     rng = random.Random(preset)
-    arrivals = [(rng.randrange(0, 40), p, cfg, pipe.stop) for p in prompts]
-    eng = Engine(pipe.executor, max_batch=3, max_len=128)  # fewer rows than requests: some queue
+    arrivals = [(rng.randrange(0, 40), p, cfgs[i % 3], pipe.stop) for i, p in enumerate(prompts)]
+    eng = Engine(pipe.executor, max_batch=3, max_len=160)  # fewer rows than requests: some queue
     handles = _drive(eng, arrivals, cancels={1: arrivals[1][0] + 1})  # after at most one forward
     assert not eng.queue and not any(l.active() for l in eng.lanes.values()), "the engine kept a request"
+    assert len(eng.lanes) == 1, "requests that differ only in gen_length took separate lanes"
     for i, (h, (_, p, c, _)) in enumerate(zip(handles, arrivals)):
         r = eng.pop(h)
         assert r.done

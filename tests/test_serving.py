@@ -137,6 +137,19 @@ def test_stream_sends_decided_text_then_the_stats(server, pipe):
     assert r.stats["method"] == "es-dllm" and 0 < r.stats["kept_fraction"] < 1
 
 
+@pytest.mark.serve
+def test_a_session_keeps_one_stream_for_requests_one_after_another(server, pipe):
+    """A kept connection answers each request as a fresh one does, a bad request in between included."""
+    from esdllm.runtime.client import Session
+    with Session(server.grpc_url) as s:
+        a = s.request({"text_input": PROMPTS[0]}, timeout=120)
+        bad = s.request({"text_input": "hi", "method": "nope"}, timeout=120)
+        b = s.request({"text_input": PROMPTS[3], "stream": True}, timeout=120)
+    assert bad.error is not None and "unknown method 'nope'" in bad.error and not bad.chunks
+    assert a.error is None and a.text == _alone(pipe, PROMPTS[0]).text
+    assert b.error is None and b.text == _alone(pipe, PROMPTS[3]).text and b.stats["output_tokens"] > 0
+
+
 BAD = {
     "empty": ({"text_input": ""}, "text_input is empty"),
     "missing": ({"max_tokens": 8}, "text_input is missing"),
