@@ -304,6 +304,8 @@ def register(subparsers) -> None:
     g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (instead of --concurrency)")
     g.add_argument("--rates", default=None, help="comma list of rates: a sweep, each on the same requests")
     g.add_argument("--mix-tokens", default="32,64", help="max_tokens drawn from these (default 32,64)")
+    g.add_argument("--families", default="maps",
+                   help="task families the prompts come from, in turn (default maps; e.g. maps,perm,chain)")
     g.add_argument("--stream-frac", type=float, default=0.5, help="share of requests streamed (default 0.5)")
     g.add_argument("--cancel-frac", type=float, default=0.1,
                    help="share hung up on after their first streamed response (default 0.1)")

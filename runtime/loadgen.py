@@ -2,15 +2,16 @@
 process whatever the server's pace, as real users do, so a slow scheduler builds a queue instead of
 slowing the clients down.
 
-The mix: held-out task prompts of mixed lengths, answers of mixed lengths (max_tokens drawn from
---mix-tokens), a share streamed (--stream-frac), a share hung up on after their first streamed
-response (--cancel-frac). Each distinct (prompt, max_tokens) is first served alone, one at a time:
-a completed response that differs from it is a mismatch.
+The mix: held-out task prompts of mixed lengths (from --families, in turn), answers of mixed
+lengths (max_tokens drawn from --mix-tokens), a share streamed (--stream-frac), a share hung up on
+after their first streamed response (--cancel-frac). Each distinct (prompt, max_tokens) is first
+served alone, one at a time: a completed response that differs from it is a mismatch.
 
 Per rate: requests/s and tokens/s of completed requests, latency p50/p90/p99 (arrival to final
 response), time to first streamed token (p50/p90), time per output token of streamed requests,
-errors, mismatches; batch-1 latency on a kept connection and on a fresh one. With --compare-schedulers bench-serve starts one server per scheduler itself
-(inflight and batch, same model, same flags) and runs the same arrivals against each.
+errors, mismatches; once, batch-1 latency on a kept connection and on a fresh one. With
+--compare-schedulers bench-serve starts one server per scheduler itself (inflight and batch, same
+model, same flags) and runs the same arrivals against each.
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def _pct(xs: list[float], p: float) -> float | None:
     return round(float(np.percentile(xs, p)), 4) if xs else None
 
 
-def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float, cancel_frac: float) -> list[dict]:
+def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float, cancel_frac: float,
+             families: tuple[str, ...] = ("maps",)) -> list[dict]:
     """n request specs: prompt, max_tokens, stream, cancel (cancelled ones are streamed)."""
     rng = random.Random(seed)
-    probs = task.problems(seed, n, split="heldout", family="maps")
+    probs = task.problems(seed, n, split="heldout", family=tuple(families))
     out = []
     for p in probs:
         cancel = rng.random() < cancel_frac
@@ -105,8 +107,9 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
 
 
 def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64), stream_frac=0.5,
-        cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False) -> dict:
-    specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac)
+        cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False,
+        families: tuple[str, ...] = ("maps",)) -> dict:
+    specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac, families)
     ref = references(url, specs, knobs, model, timeout)
     first = {"text_input": specs[0]["prompt"], "max_tokens": specs[0]["max_tokens"], **knobs}
     # batch-1 latency on a kept connection (a client's second request onwards), and with a fresh one
@@ -114,7 +117,7 @@ def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64
         kept = [sess.request(first, timeout=timeout).seconds for _ in range(5)]
     fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
     return {"batch1_latency_s": round(min(kept), 4), "batch1_fresh_connection_s": round(min(fresh), 4),
-            "knobs": knobs, "mix_tokens": list(mix_tokens),
+            "knobs": knobs, "mix_tokens": list(mix_tokens), "families": list(families),
             "stream_frac": stream_frac, "cancel_frac": cancel_frac,
             "rates": [open_loop(url, specs, r, knobs, ref, seed=seed + 1, model=model, timeout=timeout,
                                 progress=progress) for r in rates]}
@@ -155,7 +158,8 @@ def main(ns, knobs: dict) -> int:
     import sys
     rates = [float(r) for r in ns.rates.split(",")] if ns.rates else [ns.rate]
     mix = tuple(int(t) for t in ns.mix_tokens.split(","))
-    kw = dict(mix_tokens=mix, stream_frac=ns.stream_frac, cancel_frac=ns.cancel_frac, seed=ns.seed,
+    fams = tuple(f for f in ns.families.split(",") if f)
+    kw = dict(mix_tokens=mix, families=fams, stream_frac=ns.stream_frac, cancel_frac=ns.cancel_frac, seed=ns.seed,
               model=ns.model_name, timeout=ns.timeout, progress=sys.stderr.isatty() and not ns.json)
     if not ns.compare_schedulers:
         out = {"url": ns.url, **run(ns.url, rates, ns.requests, knobs, **kw)}
@@ -164,7 +168,7 @@ def main(ns, knobs: dict) -> int:
         for sch, server in _servers(ns, ("inflight", "batch")):
             with server:
                 out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, **kw)
-        specs = workload(ns.requests, ns.seed, mix, ns.stream_frac, ns.cancel_frac)
+        specs = workload(ns.requests, ns.seed, mix, ns.stream_frac, ns.cancel_frac, fams)
         out["in_process_latency_s"] = _in_process_latency(ns, specs, knobs)
         a, b = out["schedulers"]["inflight"], out["schedulers"]["batch"]
         out["batch1_overhead"] = round(a["batch1_latency_s"] / out["in_process_latency_s"] - 1, 3)

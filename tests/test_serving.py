@@ -266,3 +266,20 @@ def test_client_and_bench_serve_json_print_one_line(server, capsys):
     rc = cli.main(["bench-serve", "--url", server.grpc_url, "--concurrency", "2", "--requests", "2", "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 1 and json.loads(lines[0])["errors"] == 0
+
+
+@pytest.mark.serve
+def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trained_server):
+    """Poisson arrivals of maps and perm prompts with mixed max_tokens, some streamed, some hung up
+    on: every request that is not cancelled completes and equals its alone answer."""
+    from esdllm.runtime import loadgen
+    res = loadgen.run(trained_server.grpc_url, [20.0], 24, {"method": "es-dllm", "threshold": 0.9},
+                      mix_tokens=(32, 64), families=("maps", "perm"), cancel_frac=0.25, seed=3)
+    r = res["rates"][0]
+    assert res["families"] == ["maps", "perm"] and r["cancelled"] > 0
+    assert (r["errors"], r["mismatches"], r["first_error"]) == (0, 0, None), r
+    assert r["completed"] == r["requests"] - r["cancelled"]
+    assert r["p99_latency_s"] >= r["p50_latency_s"] > 0 and r["tokens_per_second"] > 0
+    assert 0 < res["batch1_latency_s"] and 0 < res["batch1_fresh_connection_s"]
+    with pytest.raises(ValueError, match="unknown task family 'nope'"):
+        loadgen.workload(4, 0, (32,), 0.5, 0.1, families=("nope",))
