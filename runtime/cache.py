@@ -17,6 +17,9 @@ from torch import Tensor
 from .config import ModelArgs
 
 
+_SLOT_DIM = {"k": 2, "v": 2, "dv": 2}  # the slot dimension of each cache tensor (the others: 1)
+
+
 class Cache:
     """Preallocated per-layer K and V for every canvas slot, plus hidden states at prune layers.
 
@@ -74,23 +77,38 @@ class Cache:
                 if getattr(self, name) is not None]
         return out
 
-    def take(self, rows: Tensor) -> "Cache":
-        """Batch rows `rows` [g] copied into a Cache of their own (write them back with put)."""
+    def take(self, rows: Tensor, upto: int | None = None) -> "Cache":
+        """Batch rows `rows` [g] copied into a Cache of their own (write them back with put). upto:
+        copy only slots [0, upto) and the trash slot; the copy's other slots are left unset, so a
+        forward over it must neither read nor write them (the engine's rows end by then)."""
         out = object.__new__(Cache)
         out.batch, out.length = rows.numel(), self.length
         out.k, out.v, out.hidden, out.ctx, out.ffn, out.dv = [None] * len(self.k), [None] * len(self.v), {}, {}, {}, None
+        part = upto is not None and upto < self.length
         for name, key, t in self._tensors():
-            sub = t.index_select(0, rows)
+            if part:
+                sub = t.new_empty((rows.numel(), *t.shape[1:]))
+                for lo, n in ((0, upto), (self.length, 1)):
+                    d = _SLOT_DIM.get(name, 1)
+                    sub.narrow(d, lo, n).copy_(t.narrow(d, lo, n).index_select(0, rows))
+            else:
+                sub = t.index_select(0, rows)
             if key is None:
                 setattr(out, name, sub)
             else:
                 getattr(out, name)[key] = sub
         return out
 
-    def put(self, rows: Tensor, sub: "Cache") -> None:
-        """Write a Cache made by take(rows) back into these rows."""
+    def put(self, rows: Tensor, sub: "Cache", upto: int | None = None) -> None:
+        """Write a Cache made by take(rows, upto) back into these rows."""
+        part = upto is not None and upto < self.length
         for (name, key, t), (_, _, s) in zip(self._tensors(), sub._tensors()):
-            t.index_copy_(0, rows, s)
+            if not part:
+                t.index_copy_(0, rows, s)
+                continue
+            d = _SLOT_DIM.get(name, 1)
+            for lo, n in ((0, upto), (self.length, 1)):
+                t.narrow(d, lo, n).index_copy_(0, rows, s.narrow(d, lo, n))
 
     def set_row(self, row: int, length: int) -> None:
         """Row `row` holds a canvas of `length` slots from slot 0 (prompt, then its generation); the

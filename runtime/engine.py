@@ -324,7 +324,8 @@ class Engine:
         B = span if sel is None else len(reqs)
         at = {r.row: (i if sel is not None else r.row) for i, r in enumerate(reqs)}  # each row's place
         c = self._context(lane, phase, reqs, B, sel)
-        cache = lane.cache_for(B) if sel is None else lane.cache.take(sel)
+        upto = max(r.end for r in reqs)  # the slots these rows have: a copy needs no more
+        cache = lane.cache_for(B) if sel is None else lane.cache.take(sel, upto)
         with _narrowed(lane.policy, B if sel is None else sel, lane.max_batch):
             starting = [at[r.row] for r in reqs if r.step == 0]
             if starting:
@@ -338,7 +339,7 @@ class Engine:
             logits, pred = self._run(lane, c, idx, plan, cache)
             lane.policy.commit(c, logits, pred)
         if sel is not None:  # the copies' new state goes back into the lane's rows
-            lane.cache.put(sel, cache)
+            lane.cache.put(sel, cache, upto)
             lane.x.index_copy_(0, sel, c.x)
         st = self.stats
         st.nfe, st.steps = st.nfe + 1, st.steps + 1
