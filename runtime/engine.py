@@ -7,18 +7,19 @@ one denoising step at a time by `step()`.
     eng.result(h).tokens
 
 Layout. A lane holds the requests of one DecodeConfig up to the generation length (`lane_key`:
-requests that differ only in max_tokens share rows and forwards, each row has its own end): one canvas [max_batch, max_len] and one
-Cache of max_batch rows (+ the trash slot), one batched policy. A request's row holds its prompt
-from slot 0, then its generation, then nothing (slots that are not keys), exactly the canvas it
-has alone, so its arithmetic is the one it has alone: its tokens do not depend on who joins or
-leaves around it, nor on when it arrives (greedy, float32).
+requests that differ only in max_tokens share rows and forwards, each row has its own end): one
+canvas [max_batch, max_len] and one Cache of max_batch rows (+ the trash slot), one batched policy.
+A request's row holds its prompt from slot 0, then its generation, then nothing (slots that are not
+keys), exactly the canvas it has alone, so its arithmetic is the one it has alone: its tokens do not
+depend on who joins or leaves around it, nor on when it arrives (greedy, float32).
 
 A step. Every active request needs some kind of forward (Policy.phase: a full forward at a block
-start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane whose phases are of one
-kind (Policy.kind: ES-dLLM's cached steps with and without skipping are one) share one forward: over the lane's rows up to the last occupied one, the others idling on the trash
-slot in it, or, for a group of at most half of those rows, over copies of its own rows (written back
-after). So a step costs one forward per (lane, kind) present: at most 2 for fast-dllm (block starts,
-block steps), 1 for vanilla. A request
+start, a cached block step, ES-dLLM's refresh spans, ...). Requests of a lane whose phases are of
+one kind (Policy.kind: ES-dLLM's cached steps with and without skipping are one) share one forward:
+over the lane's rows up to the last occupied one, the others idling on the trash slot in it, or,
+for a group of at most half of those rows, over copies of its own rows (written back after). So a
+step costs one forward per (lane, kind) present: at most 2 for fast-dllm (block starts, block
+steps), 1 for vanilla, 3 for es-dllm (first forwards, prompt refreshes, cached steps). A request
 that joins does its own first forward while the others take their cached steps. A request is done
 when its last block is decided, when early exit finds EOS in a finished block, or when cancelled;
 its row is free for the next request at the following step.
