@@ -140,3 +140,46 @@ def test_a_request_cancelled_while_queued_ends_without_a_row(pipe):
     while eng.busy():
         eng.step()
     assert eng.result(hb).tokens == _alone(pipe, b, cfg)
+
+
+def test_a_copy_of_a_rows_own_slots_forwards_as_the_whole_rows_do(tmp_path):
+    """Cache.take(rows, upto) copies only slots [0, upto) and the trash slot. A forward over that
+    copy, attending to the first upto slots as the engine's forwards do, gives the logits and cache
+    writes of the same forward over a full copy; put() writes them back and leaves every other slot
+    as it was."""
+    from esdllm.runtime.cache import StepPlan
+    from esdllm.runtime.weights import load_model, make_tiny_checkpoint
+    m = load_model(make_tiny_checkpoint("llada", tmp_path, layers=2))
+    B, L, upto = 4, 48, 20
+    g = torch.Generator().manual_seed(1)
+    cache = m.new_cache(B, L, hidden_layers=(0,))
+    for b in range(B):
+        cache.set_row(b, upto - b)
+    for t in [*cache.k, *cache.v, *cache.hidden.values()]:
+        t.copy_(torch.randn(t.shape, generator=g))
+    rows, n = torch.tensor([3, 1]), 8
+    idx = torch.stack([torch.arange(upto - 3 - n, upto - 3), torch.arange(upto - 1 - n, upto - 1)])
+    tokens = torch.randint(0, 60, idx.shape, generator=g)
+    before = [t.clone() for _, _, t in cache._tensors()]
+
+    def run(part):
+        sub = cache.take(rows, upto if part else None)
+        plan = StepPlan(write_hidden=True, key_len=upto)  # as the engine plans: keys end with the rows
+        with torch.inference_mode():
+            out = m.step(tokens, idx, sub, plan)[0]
+        return out, sub
+    full_out, full = run(False)
+    part_out, part = run(True)
+    assert torch.equal(full_out, part_out)
+    for (name, _, a), (_, _, b) in zip(full._tensors(), part._tensors()):
+        d = 2 if name in ("k", "v") else 1
+        assert torch.equal(a.narrow(d, 0, upto), b.narrow(d, 0, upto)), name
+        assert torch.equal(a.narrow(d, L, 1), b.narrow(d, L, 1)), name
+    cache.put(rows, part, upto)
+    for (name, _, t), old, (_, _, f) in zip(cache._tensors(), before, full._tensors()):
+        d = 2 if name in ("k", "v") else 1
+        for r, row in enumerate(rows.tolist()):
+            assert torch.equal(t[row].narrow(d - 1, 0, upto), f[r].narrow(d - 1, 0, upto)), name
+            assert torch.equal(t[row].narrow(d - 1, upto, L - upto), old[row].narrow(d - 1, upto, L - upto)), name
+        others = [i for i in range(B) if i not in rows.tolist()]
+        assert torch.equal(t[others], old[others]), name
