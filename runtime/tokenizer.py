@@ -133,6 +133,15 @@ def _text_ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
+def _n_added(tok) -> int:
+    """How many ids the post-processor adds to any text (LLaDA's BOS: 1, Dream: 0)."""
+    n = getattr(tok, "_esdllm_n_added", None)
+    if n is None:
+        n = len(tok("", split_special_tokens=True)["input_ids"])
+        tok._esdllm_n_added = n
+    return n
+
+
 def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int]:
     """Prompt ids. text: a string, or (chat only) a list of {"role", "content"} messages.
 
@@ -152,11 +161,11 @@ def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int
             raise ValueError("a list of messages needs chat=True")
         if not messages or not all(str(m.get("content", "")).strip() for m in messages):
             raise ValueError("empty prompt: no messages, or a message with empty content")
-    contents = [str(m["content"]) for m in messages]
-    user = [_text_ids(tok, c) for c in contents]
-    if not any(user):
-        raise ValueError("empty prompt: the tokenizer knows none of its characters")
+    none_known = ValueError("empty prompt: the tokenizer knows none of its characters")
     if chat:
+        user = [_text_ids(tok, str(m["content"])) for m in messages]
+        if not any(user):
+            raise none_known
         if not getattr(tok, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; encode with chat=False")
         marked = [{**m, "content": _USER.format(i)} for i, m in enumerate(messages)]
@@ -169,6 +178,8 @@ def encode_prompt(tok, text, chat: bool, max_len: int | None = None) -> list[int
                 ids += tok(part, add_special_tokens=False)["input_ids"]
     else:
         ids = tok(text, split_special_tokens=True)["input_ids"]  # the post-processor's BOS, the text as text
+        if len(ids) <= _n_added(tok):  # only what the post-processor adds: one pass, not a second
+            raise none_known
     if max_len is not None and len(ids) > max_len:
         raise ValueError(f"prompt is {len(ids)} tokens, longer than the limit of {max_len}")
     return list(ids)
