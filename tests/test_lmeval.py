@@ -45,7 +45,8 @@ def test_lm_eval_score_equals_esdllm_eval(tmp_path, monkeypatch):
     harness = out["results"]["esdllm_task"]["acc,none"]
     ours = evaluate(Pipeline.load(MODEL), EvalConfig(methods=("es-dllm-t0.9",), n=N, families=(family,),
                                                      batch_size=4))
-    assert harness == pytest.approx(ours["families"][family]["methods"]["es-dllm-t0.9"]["accuracy"], abs=1e-9)
+    acc = ours["families"][family]["methods"]["es-dllm-t0.9"]["accuracy"]  # rounded to 4 places
+    assert round(harness * N) == round(acc * N) and harness == pytest.approx(acc, abs=5e-5)  # same problems right
     assert 0 < harness < 1  # an instrument that sees right and wrong answers, not a constant
 
 
