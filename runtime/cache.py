@@ -87,9 +87,8 @@ class Cache:
         part = upto is not None and upto < self.length
         for name, key, t in self._tensors():
             if part:
-                sub = t.new_empty((rows.numel(), *t.shape[1:]))
+                sub, d = t.new_empty((rows.numel(), *t.shape[1:])), _SLOT_DIM.get(name, 1)
                 for lo, n in ((0, upto), (self.length, 1)):
-                    d = _SLOT_DIM.get(name, 1)
                     sub.narrow(d, lo, n).copy_(t.narrow(d, lo, n).index_select(0, rows))
             else:
                 sub = t.index_select(0, rows)

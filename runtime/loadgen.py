@@ -16,18 +16,17 @@ model, same flags) and runs the same arrivals against each.
 from __future__ import annotations
 
 import random
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import task
-from .client import MODEL_NAME, Reply, Session, request
+from .client import MODEL_NAME, Reply, Session, _percentile, request
 
 
 def _pct(xs: list[float], p: float) -> float | None:
-    return round(float(np.percentile(xs, p)), 4) if xs else None
+    return round(_percentile(xs, p), 4) if xs else None
 
 
 def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float, cancel_frac: float,
@@ -131,7 +130,6 @@ def _servers(ns, schedulers: tuple[str, ...]):
                              max_tokens=max(int(t) for t in ns.mix_tokens.split(",")),
                              decode={"gen_length": 64, "block_length": 32, "method": "es-dllm", "threshold": 0.9},
                              scheduler=sch)
-        import tempfile
         log = Path(tempfile.mkdtemp(prefix="esdllm-bench-serve-")) / f"tritonserver-{sch}.log"
         yield sch, TritonServer(values, grpc_port=free_port(), log=log)
 
