@@ -89,6 +89,8 @@ class InflightLoop:
                     self._admit()
                     if not self.engine.busy():
                         self._wait()
+                        # the requests that woke an idle loop were asked at admission
+                        self.next_check = time.perf_counter() + self.check_every
                         continue
                     if time.perf_counter() >= self.next_check:  # each ask is a round trip to the server
                         self.next_check = time.perf_counter() + self.check_every
@@ -119,7 +121,9 @@ class InflightLoop:
             self._take(job)
 
     def _take(self, job: Job) -> None:
-        if self.cancelled(job.sender):  # left while queued: takes no row
+        # left while queued: takes no row. A fresh request is not asked: the next check is at most
+        # check_every away, and each ask is a round trip to the server on the request's own latency
+        if time.perf_counter() - job.t0 >= self.check_every and self.cancelled(job.sender):
             self.send(job.sender, final=True)
             return
         try:

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory (created; resumes from its train_state.pt)")
     d = TrainConfig(family="llada", out="")
     for f in ("seed", "steps", "batch", "tokens_per_step", "lr", "dim", "n_layers", "n_heads", "intermediate", "rope_theta",
-              "chat_frac", "val_every", "ckpt_every"):
+              "chat_frac", "warmup", "val_every", "val_n", "ckpt_every"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     p.add_argument("--n-kv-heads", type=int, default=None)
     p.add_argument("--task-families", type=lambda v: tuple(v.split(",")), default=d.task_families,

@@ -84,6 +84,18 @@ def test_a_client_that_hangs_up_frees_its_row_and_the_others_finish(pipe):
     assert not loop.engine.busy()
 
 
+def test_a_client_that_left_while_queued_gets_its_final_response(pipe):
+    loop = _loop(pipe, max_batch=1).start()
+    first, left = Sender(), Sender(hang_up_after=0)
+    loop.submit(Request(pipe.encode(_prompts(pipe, 1)[0], gen_length=128),
+                        DecodeConfig(gen_length=128, block_length=32, method="vanilla"), stream=False), first)
+    loop.submit(Request(pipe.encode(_prompts(pipe, 2)[1], gen_length=64), CFG, stream=False), left)
+    _wait([first, left])
+    loop.stop()
+    assert left.responses == [(None, None, None)] and first.responses[-1][0]
+    assert not loop.engine.busy() and not loop.jobs
+
+
 def test_a_full_queue_refuses_by_name(pipe):
     loop = _loop(pipe, max_queue=2)  # not started: nothing leaves the queue
     ids = pipe.encode(_prompts(pipe, 1)[0], gen_length=64)

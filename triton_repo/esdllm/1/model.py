@@ -64,10 +64,7 @@ class TritonPythonModel:
         parsed = []
         for r in requests:
             sender = r.get_response_sender()
-            inputs = {}
-            for name in S.INPUT_NAMES:
-                t = pb_utils.get_input_tensor_by_name(r, name)
-                inputs[name] = None if t is None else t.as_numpy()
+            inputs = {t.name(): t.as_numpy() for t in r.inputs()}  # one pass over what was sent
             try:
                 S.check_parameters(r.parameters())
                 req = S.parse_request(inputs, self.pipe, self.defaults, self.limits, self.chat)
