@@ -164,7 +164,7 @@ def _valid(op: str, s: str, text: str) -> bool:
     if op == "perm":
         return sorted(text) == sorted(s)
     pairs = text.split(" ")
-    return (all(len(q) == 2 and q[1] == _map("rot13", q[0]) for q in pairs)
+    return (all(len(q) == 2 and q[0] in LETTERS and q[1] == _map("rot13", q[0]) for q in pairs)
             and sorted(q[0] for q in pairs) == sorted(s))
 
 

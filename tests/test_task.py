@@ -70,6 +70,20 @@ def test_perm_and_chain_accept_every_valid_answer_and_nothing_else():
     assert task.grade("hello", "x") is None
 
 
+def test_grading_never_raises_on_what_a_model_may_write():
+    """Completions are model output: any text is graded False, never an exception (a chain pair
+    starting with a capital or a digit once raised inside the rot13 check)."""
+    import random
+    rng = random.Random(5)
+    chars = task.ALPHABET + "AZ09 ?\u00e9"
+    probs = [p for fam in task.FAMILIES for p in task.problems(3, 4, split="heldout", family=fam)]
+    for p in probs:
+        for text in ["Aa bo", "1n", "a" * 300, ""] + ["".join(rng.choices(chars, k=rng.randint(1, 40)))
+                                                      for _ in range(50)]:
+            assert task.check(text, p) in (True, False)
+        assert task.check(p.answer, p)
+
+
 def test_perm_training_answers_vary():
     """A letter set is seen in several orders: the model must learn a distribution, not one string."""
     seen = {}
