@@ -245,7 +245,8 @@ def parse_request(inputs: dict[str, np.ndarray | None], pipe, defaults: DecodeCo
 @functools.lru_cache(maxsize=256)
 def _config(defaults: DecodeConfig, overrides: tuple) -> DecodeConfig:
     """defaults.replace(**overrides), remembered: building and validating a DecodeConfig costs about
-    half a millisecond, and served requests mostly repeat a few settings (a ValueError is not kept)."""
+    50 us (more on the model's cold caches between steps), and served requests mostly repeat a few
+    settings (a ValueError is not kept)."""
     return defaults.replace(**dict(overrides))
 
 
