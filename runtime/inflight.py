@@ -168,6 +168,7 @@ class InflightLoop:
                  "tokens_per_forward": round(len(ids) / max(r.nfe, 1), 4),
                  "batch_size": r.batch_max, "kept_fraction": round(r.positions / max(r.nfe, 1) / r.end, 4),
                  "seconds": round(seconds, 6), "queue_seconds": round(r.t_admit - r.t_submit, 6),
+                 "blocks": r.blk,  # decoded; fewer than max_tokens / block_length after an early exit
                  "method": r.cfg.method, "scheduler": "inflight", **self.info}
         self.send(job.sender, text=out, stats=stats, final=True)
 

@@ -94,6 +94,10 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
     ttft = [r.first_chunk_s for r, s in ok if s["stream"] and r.first_chunk_s is not None]
     tpot = [(r.seconds - r.first_chunk_s) / max(r.stats.get("output_tokens", 1) - 1, 1)
             for r, s in ok if s["stream"] and r.first_chunk_s is not None]
+    # the time of one block, where the server reports blocks (the in-flight scheduler): a request's
+    # time in a row over the blocks it decoded; streamed text should arrive before a block is done
+    block = [(r.stats["seconds"] - r.stats["queue_seconds"]) / r.stats["blocks"]
+             for r, _ in ok if r.stats.get("blocks") and "queue_seconds" in r.stats]
     tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
     return {"rate": rate, "requests": len(specs), "completed": len(ok), "cancelled": sum(s["cancel"] for s in specs),
             "errors": len(errors), "first_error": errors[0] if errors else None,
@@ -101,7 +105,7 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
             "requests_per_second": round(len(ok) / wall, 3), "tokens_per_second": round(tokens / wall, 2),
             "p50_latency_s": _pct(lat, 50), "p90_latency_s": _pct(lat, 90), "p99_latency_s": _pct(lat, 99),
             "p50_ttft_s": _pct(ttft, 50), "p90_ttft_s": _pct(ttft, 90), "p50_tpot_s": _pct(tpot, 50),
-            "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
+            "p50_block_s": _pct(block, 50), "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
             "wall_seconds": round(wall, 3)}
 
 
@@ -186,7 +190,7 @@ def main(ns, knobs: dict) -> int:
 def _table(out: dict) -> str:
     runs = out.get("schedulers") or {"server": out}
     head = (f"{'scheduler':<10}{'rate/s':>8}{'done':>6}{'err':>5}{'mism':>6}{'req/s':>8}{'tok/s':>9}"
-            f"{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'ttft50':>8}{'tpot50':>8}{'batch':>6}")
+            f"{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'ttft50':>8}{'tpot50':>8}{'block50':>8}{'batch':>6}")
     lines = [head]
     for sch, res in runs.items():
         for r in res["rates"]:
@@ -194,7 +198,7 @@ def _table(out: dict) -> str:
             lines.append(f"{sch:<10}{r['rate']:>8g}{r['completed']:>6}{r['errors']:>5}{r['mismatches']:>6}"
                          f"{r['requests_per_second']:>8.2f}{r['tokens_per_second']:>9.1f}{f(r['p50_latency_s']):>8}"
                          f"{f(r['p90_latency_s']):>8}{f(r['p99_latency_s']):>8}{f(r['p50_ttft_s']):>8}"
-                         f"{f(r['p50_tpot_s']):>8}{r['max_batch_seen']:>6}")
+                         f"{f(r['p50_tpot_s']):>8}{f(r.get('p50_block_s')):>8}{r['max_batch_seen']:>6}")
     for x in out.get("inflight_over_batch", []):
         lines.append(f"rate {x['rate']:g}/s: inflight/batch throughput {x['throughput']:.2f}x, p99 latency "
                      f"{x['p99_latency'] if x['p99_latency'] is None else round(x['p99_latency'], 2)}x")

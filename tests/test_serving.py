@@ -280,6 +280,7 @@ def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trai
     assert (r["errors"], r["mismatches"], r["first_error"]) == (0, 0, None), r
     assert r["completed"] == r["requests"] - r["cancelled"]
     assert r["p99_latency_s"] >= r["p50_latency_s"] > 0 and r["tokens_per_second"] > 0
+    assert 0 < r["p50_block_s"] <= r["p50_latency_s"]  # a request decodes at least one block
     assert 0 < res["batch1_latency_s"] and 0 < res["batch1_fresh_connection_s"]
     with pytest.raises(ValueError, match="unknown task family 'nope'"):
         loadgen.workload(4, 0, (32,), 0.5, 0.1, families=("nope",))
