@@ -97,7 +97,7 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
     # the time of one block, where the server reports blocks (the in-flight scheduler): a request's
     # time in a row over the blocks it decoded; streamed text should arrive before a block is done
     block = [(r.stats["seconds"] - r.stats["queue_seconds"]) / r.stats["blocks"]
-             for r, _ in ok if r.stats.get("blocks") and "queue_seconds" in r.stats]
+             for r, _ in ok if r.stats.get("blocks")]
     tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
     return {"rate": rate, "requests": len(specs), "completed": len(ok), "cancelled": sum(s["cancel"] for s in specs),
             "errors": len(errors), "first_error": errors[0] if errors else None,
