@@ -197,6 +197,29 @@ def step_batch(cfg: TrainConfig, tok, args: ModelArgs, step: int):
     return encode_batch(tok, probs, [chat] * n, gen_length, args)
 
 
+def grow_depth(model: Transformer, src: Transformer) -> None:
+    """Load the shallower `src` into the deeper `model` so that both compute the same function.
+
+    src's blocks keep their order, spread evenly; each new block follows a source block and has its
+    attention and FFN output projections zeroed, so on the residual stream it adds nothing until
+    training moves those weights (the other weights of a new block start as a copy of the block before
+    it, not random: a copy learns faster than a fresh block that sees nothing through zeroed outputs).
+    """
+    n_src, n_dst = src.args.n_layers, model.args.n_layers
+    # dst block j holds source block owner[j]; the last holder of each source block is the copy
+    owner = [j * n_src // n_dst for j in range(n_dst)]
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("layers.")}
+    seen = set()
+    for j, i in enumerate(owner):
+        for k, v in src.layers[i].state_dict().items():
+            v = v.clone()
+            if i in seen and k in ("attention.wo.weight", "feed_forward.w2.weight"):
+                v.zero_()
+            sd[f"layers.{j}.{k}"] = v
+        seen.add(i)
+    model.load_state_dict(sd)
+
+
 def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | None:
     """Train (or resume) into cfg.out; returns train_info (also written to OUT/train_info.json).
 
@@ -214,9 +237,13 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     prior = None
     if cfg.init_from:
         src = load_model(cfg.init_from)
-        if src.args != args:
-            raise ValueError(f"--init-from {cfg.init_from} has shape {src.args}, this run builds {args}")
-        model.load_state_dict(src.state_dict())
+        if src.args == args:
+            model.load_state_dict(src.state_dict())
+        elif dataclasses.replace(src.args, n_layers=args.n_layers) == args and src.args.n_layers < args.n_layers:
+            grow_depth(model, src)
+        else:
+            raise ValueError(f"--init-from {cfg.init_from} has shape {src.args}, this run builds {args} "
+                             "(only a deeper copy of the same shape can be grown from it)")
         f = Path(cfg.init_from) / "train_info.json"
         prior = json.loads(f.read_text()) if f.is_file() else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

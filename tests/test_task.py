@@ -207,6 +207,24 @@ def test_init_from_starts_at_the_given_weights_and_checks_the_shape(tmp_path):
         T.train(wider, log=lambda s: None)
 
 
+def test_init_from_a_shallower_model_grows_it_without_changing_its_outputs(tmp_path):
+    T, first = _micro(tmp_path / "a", steps=2, n_layers=2)
+    T.train(first, log=lambda s: None)
+    _, deeper = _micro(tmp_path / "b", steps=0, n_layers=5, init_from=str(tmp_path / "a"))
+    T.train(deeper, log=lambda s: None)
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert b.args.n_layers == 5
+    x = torch.randint(0, a.args.mask_id, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    # the new blocks are real blocks, not removed ones: only their output projections start at zero
+    zero = [i for i, l in enumerate(b.layers) if not l.attention.wo.weight.any()]
+    assert len(zero) == 3 and all(b.layers[i].attention.wq.weight.any() for i in zero)
+    _, shallower = _micro(tmp_path / "c", steps=0, n_layers=1, init_from=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="deeper copy"):
+        T.train(shallower, log=lambda s: None)
+
+
 def test_solve_answers_task_prompts_and_rejects_others():
     assert task.solve("rot13: qwertyuiopasdfgh ->") == "djreglhvbcnfqstu"
     assert task.solve("double: abc ->") == "aabbcc"
