@@ -5,7 +5,8 @@ models/llada-tiny is this script's defaults (7,000 steps, ~45 min on 2 free CPU 
     python scripts/train_tiny.py --family llada --out models/llada-tiny
 
 --init-from DIR continues from a checkpoint of the same shape (a second stage on fresh data with
-a new --seed); models/dream-tiny took two stages, see scripts/train_defaults.
+a new --seed), or grows a shallower one in depth (grow_depth: same outputs at step 0); the committed
+models took several stages, see scripts/train_defaults.
 
 Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
 (stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-lengths", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.gen_lengths,
                    help="response lengths of short-answer batches, drawn uniformly")
     p.add_argument("--tail-mask", type=float, default=d.tail_mask)
-    p.add_argument("--init-from", default=None, help="checkpoint dir to start from (same shape)")
+    p.add_argument("--init-from", default=None,
+                   help="checkpoint dir to start from (same shape, or fewer layers: grown in depth)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
