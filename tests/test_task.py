@@ -60,12 +60,15 @@ def test_perm_and_chain_accept_every_valid_answer_and_nothing_else():
         assert task.check(ok, perm), ok
     for bad in ("abc", "abcc", "abcde", "abce", "ab cd", "ABCD"):
         assert not task.check(bad, perm), bad
-    chain = task.Problem("chain", "chain: abc ->", "cp an bo", "chain")
-    for ok in ("an bo cp", "cp an bo", " bo  cp an"):
+    chain = task.Problem("chain", "chain: abc ->", "cP aN bO", "chain")
+    for ok in ("aN bO cP", "cP aN bO", " bO  cP aN"):
         assert task.check(ok, chain), ok
-    for bad in ("an bp co", "ao bn cp", "an bo", "an bo cp dq", "anbocp", "an an bo", "an bo c p", "abc nop"):
-        assert not task.check(bad, chain), bad                         # mixed pairs are wrong
-    assert task.solve("chain: abc ->") == "an bo cp" and task.solve("perm: abc ->") == "abc"
+    for bad in ("aN bP cO", "aO bN cP", "aN bO", "aN bO cP dQ", "aNbOcP", "aN aN bO", "aN bO c P", "abc NOP",
+                "an bo cp", "AN BO CP"):
+        assert not task.check(bad, chain), bad                         # mixed pairs and cases are wrong
+    assert task.solve("chain: abc ->") == "aN bO cP" and task.solve("perm: abc ->") == "abc"
+    partners = task.Problem("chain", "chain: an ->", "aN nA", "chain")  # rot13 partners: distinct pairs
+    assert task.check("nA aN", partners) and not task.check("aN aN", partners)
     assert task.solve("perm: aab ->") is None                          # perm letters are distinct
     assert task.grade("hello", "x") is None
 
