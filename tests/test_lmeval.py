@@ -15,7 +15,7 @@ from esdllm.runtime.evaluate import EvalConfig, evaluate  # noqa: E402
 from esdllm.runtime.pipeline import Pipeline  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
-MODEL = Path(__file__).parents[1] / "models" / "llada-families"
+MODEL = Path(__file__).parents[1] / "models" / "llada-tiny"
 N = 12
 
 
