@@ -1,8 +1,8 @@
 """Train esdllm's embedded default model (LLaDA or Dream architecture) on the synthetic task.
 
-models/llada-tiny is this script's defaults (7,000 steps, ~45 min on 2 free CPU cores):
+One stage is one run (the defaults: 6 layers, every task family, 8,000 steps):
 
-    python scripts/train_tiny.py --family llada --out models/llada-tiny
+    python scripts/train_tiny.py --family llada --out DIR
 
 --init-from DIR continues from a checkpoint of the same shape (a second stage on fresh data with
 a new --seed), or grows a shallower one in depth (grow_depth: same outputs at step 0); the committed
@@ -203,11 +203,11 @@ def grow_depth(model: Transformer, src: Transformer) -> None:
 
     src's blocks keep their order, spread evenly; each new block follows a source block and has its
     attention and FFN output projections zeroed, so on the residual stream it adds nothing until
-    training moves those weights (the other weights of a new block start as a copy of the block before
-    it, not random: a copy learns faster than a fresh block that sees nothing through zeroed outputs).
+    training moves those weights. Its other weights start as a copy of the block before it, so it
+    has that block's features to build on as soon as its outputs move.
     """
     n_src, n_dst = src.args.n_layers, model.args.n_layers
-    # dst block j holds source block owner[j]; the last holder of each source block is the copy
+    # dst block j holds source block owner[j]; every holder after the first is a new block
     owner = [j * n_src // n_dst for j in range(n_dst)]
     sd = {k: v for k, v in src.state_dict().items() if not k.startswith("layers.")}
     seen = set()
