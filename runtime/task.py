@@ -89,9 +89,14 @@ def _length(rng: random.Random, family: str, op: str) -> int:
     return rng.randint(lo, hi)
 
 
+def _pair(c: str) -> str:
+    """One chain pair: "r" -> "rE"."""
+    return c + _map("rot13", c).upper()
+
+
 def _pairs(p: str) -> str:
     """chain's answer for the permutation p: "rtw" -> "rE tG wJ"."""
-    return " ".join(c + _map("rot13", c).upper() for c in p)
+    return " ".join(_pair(c) for c in p)
 
 
 def make_problem(rng: random.Random, op: str | None = None, family: str = "maps") -> Problem:
@@ -169,7 +174,7 @@ def _valid(op: str, s: str, text: str) -> bool:
     if op == "perm":
         return sorted(text) == sorted(s)
     pairs = text.split(" ")
-    return (all(len(q) == 2 and q[0] in LETTERS and q[1] == _map("rot13", q[0]).upper() for q in pairs)
+    return (all(len(q) == 2 and q[0] in LETTERS and q == _pair(q[0]) for q in pairs)
             and sorted(q[0] for q in pairs) == sorted(s))
 
 
