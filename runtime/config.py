@@ -34,6 +34,8 @@ DECODE_PRESETS: dict[str, dict] = {
                               early_exit=True, threshold=0.9),
     "es-dllm-t0.9-dyn-exit": dict(method="es-dllm", threshold=0.9, dynamic_alpha=0.3, early_exit=True),
     "fast-dllm-prefix-t0.9-exit": dict(method="fast-dllm", cache="prefix", threshold=0.9, early_exit=True),
+    "vanilla-t0.9-exit": dict(method="vanilla", threshold=0.9, early_exit=True),
+    "es-dllm-t0.9-exit": dict(method="es-dllm", threshold=0.9, early_exit=True),
 }
 
 

@@ -128,11 +128,11 @@ def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64
 
 def _servers(ns, schedulers: tuple[str, ...]):
     """One fresh server per scheduler on the same model and flags (the embedded model by default)."""
-    from .serve import TritonServer, free_port, repo_values
+    from .serve import TritonServer, free_port, repo_values, served_defaults
     for sch in schedulers:
         values = repo_values(None, ns.serve_model, executor="torch", device="cpu", max_batch=ns.max_batch,
                              max_tokens=max(int(t) for t in ns.mix_tokens.split(",")),
-                             decode={"gen_length": 64, "block_length": 32, "method": "es-dllm", "threshold": 0.9},
+                             decode={"gen_length": 64, "block_length": 32, **served_defaults(ns.serve_model)},
                              scheduler=sch)
         log = Path(tempfile.mkdtemp(prefix="esdllm-bench-serve-")) / f"tritonserver-{sch}.log"
         yield sch, TritonServer(values, grpc_port=free_port(), log=log)
@@ -145,8 +145,10 @@ def _in_process_latency(ns, specs, knobs) -> float:
     from .pipeline import Pipeline
     pipe = Pipeline.load(ns.serve_model)
     s = specs[0]
-    cfg = DecodeConfig(gen_length=s["max_tokens"], block_length=min(32, s["max_tokens"]), method="es-dllm",
-                       threshold=0.9).replace(**{k: v for k, v in knobs.items() if k in ("method", "threshold")})
+    from .serve import served_defaults
+    decode = served_defaults(ns.serve_model) if "method" not in knobs else {}
+    given = {k: v for k, v in knobs.items() if k in DecodeConfig.__dataclass_fields__}
+    cfg = DecodeConfig(**{"gen_length": s["max_tokens"], "block_length": min(32, s["max_tokens"]), **decode, **given})
     pipe.generate([s["prompt"]], cfg)
     best = float("inf")
     for _ in range(5):

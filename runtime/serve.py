@@ -2,7 +2,8 @@
 launcher's supervisor (runtime/launcher.py).
 
 repo_values         the ${name} values of triton_repo/esdllm/config.pbtxt, from engine.json + flags
-SERVE_DEFAULTS      what is served unless a method is given
+SERVE_DEFAULTS      what is served unless a method is given or the checkpoint records its own
+served_defaults     a checkpoint's served settings
 ready_message       what is printed once the model is up
 register            adds the `serve` subcommand to the esdllm CLI
 """
@@ -75,20 +76,50 @@ def repo_values(artifacts: str | Path | None = None, model: str | Path | None = 
             "chat": "true" if chat else "false", "decode_defaults": json.dumps(cfg.to_dict())}
 
 
-# What `esdllm serve` decodes with unless told otherwise: ES-dLLM at threshold 0.9 keeps the embedded
-# model's exact match (README "Quality") and is the papers' fastest at equal accuracy on the 8B models
-# (up to 1.85x Fast-dLLM's dual cache). On the tiny embedded model Fast-dLLM's dual cache at 0.9 is
-# faster (it decides a block in one forward), so the README says so; `--method vanilla` is the
-# reference, one flag away.
-SERVE_DEFAULTS = {"method": "es-dllm", "threshold": 0.9}
+# What `esdllm serve` decodes with unless told otherwise. A checkpoint may record its own measured pick
+# under SERVE_KEY in generation_config.json (Hugging Face keeps unknown keys there as attributes): the
+# embedded LLaDA does, because on it the caches and skipping lose accuracy on perm and chain (README
+# "Accuracy against speed"). Without a record: ES-dLLM at threshold 0.9, ending a request at EOS, the
+# papers' fastest at equal accuracy on LLaDA-8B and Dream-7B (up to 1.85x Fast-dLLM's dual cache).
+# `--method vanilla` is the reference, one flag away.
+SERVE_DEFAULTS = {"method": "es-dllm", "threshold": 0.9, "early_exit": True}
+SERVE_KEY = "esdllm_serve"
+
+
+def served_defaults(model_dir: str | Path | None) -> dict:
+    """The decoding settings served for the checkpoint at model_dir (None: the embedded default):
+    its generation_config.json's SERVE_KEY record ("_" keys are notes), else SERVE_DEFAULTS."""
+    from .pipeline import default_model
+    from .weights import GENERATION_CONFIG
+    f = Path(model_dir or default_model()) / GENERATION_CONFIG
+    rec = json.loads(f.read_text()).get(SERVE_KEY) if f.is_file() else None
+    if rec is None:
+        return dict(SERVE_DEFAULTS)
+    if not isinstance(rec, dict) or "method" not in rec:
+        raise ValueError(f"{f}: {SERVE_KEY} must be an object of decoding settings with a method, got {rec!r}")
+    rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+    bad = sorted(set(rec) - set(DecodeConfig.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"{f}: {SERVE_KEY} has unknown decoding settings {bad}")
+    DecodeConfig(**rec)  # a bad record fails here, at the command line
+    return rec
 
 
 def _decode_overrides(ns) -> dict:
-    """The decoding flags the user really gave (their parser defaults are None), over SERVE_DEFAULTS
-    when no method was given."""
+    """The decoding flags the user really gave (their parser defaults are None), over the model's
+    served defaults when no method was given."""
     names = DecodeConfig.__dataclass_fields__
     given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
-    return given if "method" in given else {**SERVE_DEFAULTS, **given}
+    if "method" in given:
+        return given
+    model = ns.model
+    if model is None and ns.artifacts is not None:
+        from .artifacts import EngineSpec
+        spec = EngineSpec.read(ns.artifacts)
+        if not spec.hf_dir:  # no checkpoint copy to read a record from; not the embedded model's either
+            return {**SERVE_DEFAULTS, **given}
+        model = spec.root / spec.hf_dir
+    return {**served_defaults(model), **given}
 
 
 def _interrupt(signum, frame):
@@ -98,7 +129,7 @@ def _interrupt(signum, frame):
 def ready_message(server: TritonServer, values: dict) -> str:
     """What `esdllm serve` prints once the model is up: where, with which defaults, how to ask."""
     d = json.loads(values["decode_defaults"])
-    knobs = ", ".join(f"{k} {d[k]}" for k in ("method", "gen_length", "block_length", "threshold", "cache")
+    knobs = ", ".join(f"{k} {d[k]}" for k in ("method", "gen_length", "block_length", "threshold", "cache", "early_exit")
                       if d.get(k) is not None)
     lines = [f"esdllm serve: ready: model {values['model_name']!r} on gRPC {server.grpc_url}"
              + (f" and HTTP {server.http_url}" if server.http_url else " (HTTP off; --http-port turns it on)"),

@@ -42,6 +42,46 @@ def test_written_repository_has_no_placeholder_left(tmp_path, llada_ckpt):
         repo_values(None, llada_ckpt, decode={"gen_length": 20, "block_length": 8})
 
 
+def _served(tmp_path, *flags) -> dict:
+    """The decode defaults `esdllm serve --write-repo` puts in config.pbtxt."""
+    import json
+    from esdllm.runtime import cli
+    repo = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
+    assert cli.main(["serve", "--write-repo", str(repo), *flags]) == 0
+    cfg = (repo / "esdllm" / "config.pbtxt").read_text()
+    raw = re.search(r'key: "decode_defaults"\s*value: \{\s*string_value: "((?:[^"\\]|\\.)*)"', cfg).group(1)
+    return json.loads(raw.encode().decode("unicode_escape"))
+
+
+def test_served_defaults_follow_the_checkpoints_measured_record(tmp_path, llada_ckpt):
+    """The embedded LLaDA records vanilla at 0.9 with early exit (es-dllm loses perm and chain on it);
+    a checkpoint without a record gets SERVE_DEFAULTS; a flag overrides either; a bad record is named."""
+    import json
+    import shutil
+    from esdllm.runtime.pipeline import default_model
+    from esdllm.runtime.serve import SERVE_DEFAULTS, SERVE_KEY, served_defaults
+    rec = json.loads((default_model() / "generation_config.json").read_text())[SERVE_KEY]
+    d = _served(tmp_path)
+    assert (d["method"], d["threshold"], d["early_exit"]) == (rec["method"], rec["threshold"], rec["early_exit"])
+    assert d["method"] == "vanilla" and served_defaults(None)["method"] == "vanilla"
+    assert served_defaults(llada_ckpt) == SERVE_DEFAULTS  # a checkpoint that records nothing
+    d = _served(tmp_path, "--model", str(llada_ckpt))
+    assert (d["method"], d["threshold"], d["early_exit"]) == ("es-dllm", 0.9, True)
+    d = _served(tmp_path, "--threshold", "0.95")  # a flag without a method: over the record
+    assert (d["method"], d["threshold"]) == ("vanilla", 0.95)
+    d = _served(tmp_path, "--method", "fast-dllm")  # a method: only what was given
+    assert (d["method"], d["threshold"], d["early_exit"]) == ("fast-dllm", None, None)
+    bad = tmp_path / "bad"
+    shutil.copytree(llada_ckpt, bad)
+    g = json.loads((bad / "generation_config.json").read_text())
+    (bad / "generation_config.json").write_text(json.dumps({**g, SERVE_KEY: {"method": "es-dllm", "treshold": 0.9}}))
+    with pytest.raises(ValueError, match="unknown decoding settings.*treshold"):
+        served_defaults(bad)
+    (bad / "generation_config.json").write_text(json.dumps({**g, SERVE_KEY: {"method": "es-dllm", "threshold": 2}}))
+    with pytest.raises(ValueError, match="threshold"):
+        served_defaults(bad)
+
+
 class _Pipe:
     """Just enough Pipeline for parse_request: a whitespace 'tokenizer'."""
     executor = None
