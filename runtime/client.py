@@ -303,7 +303,7 @@ def register(subparsers) -> None:
     g = b.add_argument_group("open-loop load (runtime/loadgen.py)")
     g.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (instead of --concurrency)")
     g.add_argument("--rates", default=None, help="comma list of rates: a sweep, each on the same requests")
-    g.add_argument("--mix-tokens", default="32,64", help="max_tokens drawn from these (default 32,64)")
+    g.add_argument("--mix-tokens", default="32,64", help="max_tokens drawn from these (default 32,64), or 'natural': each family's own gen length")
     g.add_argument("--families", default="maps",
                    help="task families the prompts come from, in turn (default maps; e.g. maps,perm,chain)")
     g.add_argument("--stream-frac", type=float, default=0.5, help="share of requests streamed (default 0.5)")

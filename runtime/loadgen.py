@@ -29,15 +29,32 @@ def _pct(xs: list[float], p: float) -> float | None:
     return round(_percentile(xs, p), 4) if xs else None
 
 
+def parse_mix(text: str) -> tuple[int, ...]:
+    """--mix-tokens: "32,64" (drawn from these) or "natural" (each family's own generation length,
+    task.NATURAL_GEN: 64 for the short families, 512 for long), as the empty tuple."""
+    if text.strip() == "natural":
+        return ()
+    mix = tuple(int(t) for t in text.split(","))
+    if not mix or min(mix) < 1:
+        raise ValueError(f"--mix-tokens needs positive token counts or 'natural', got {text!r}")
+    return mix
+
+
+def largest_max_tokens(mix: tuple[int, ...], families: tuple[str, ...]) -> int:
+    return max(mix) if mix else max(task.NATURAL_GEN[f] for f in families)
+
+
 def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float, cancel_frac: float,
              families: tuple[str, ...] = ("maps",)) -> list[dict]:
-    """n request specs: prompt, max_tokens, stream, cancel (cancelled ones are streamed)."""
+    """n request specs: prompt, max_tokens, stream, cancel (cancelled ones are streamed).
+    mix_tokens () gives each prompt its family's natural generation length."""
     rng = random.Random(seed)
     probs = task.problems(seed, n, split="heldout", family=tuple(families))
     out = []
     for p in probs:
         cancel = rng.random() < cancel_frac
-        out.append({"prompt": p.prompt, "max_tokens": rng.choice(mix_tokens),
+        max_tokens = rng.choice(mix_tokens) if mix_tokens else task.NATURAL_GEN[p.family]
+        out.append({"prompt": p.prompt, "max_tokens": max_tokens,
                     "stream": cancel or rng.random() < stream_frac, "cancel": cancel})
     return out
 
@@ -120,7 +137,7 @@ def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64
         kept = [sess.request(first, timeout=timeout).seconds for _ in range(5)]
     fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
     return {"batch1_latency_s": round(min(kept), 4), "batch1_fresh_connection_s": round(min(fresh), 4),
-            "knobs": knobs, "mix_tokens": list(mix_tokens), "families": list(families),
+            "knobs": knobs, "mix_tokens": list(mix_tokens) or "natural", "families": list(families),
             "stream_frac": stream_frac, "cancel_frac": cancel_frac,
             "rates": [open_loop(url, specs, r, knobs, ref, seed=seed + 1, model=model, timeout=timeout,
                                 progress=progress) for r in rates]}
@@ -131,11 +148,15 @@ def _servers(ns, schedulers: tuple[str, ...]):
     from .serve import TritonServer, free_port, repo_values, served_defaults
     for sch in schedulers:
         values = repo_values(None, ns.serve_model, executor="torch", device="cpu", max_batch=ns.max_batch,
-                             max_tokens=max(int(t) for t in ns.mix_tokens.split(",")),
+                             max_tokens=largest_max_tokens(parse_mix(ns.mix_tokens), _families(ns)),
                              decode={"gen_length": 64, "block_length": 32, **served_defaults(ns.serve_model)},
                              scheduler=sch)
         log = Path(tempfile.mkdtemp(prefix="esdllm-bench-serve-")) / f"tritonserver-{sch}.log"
         yield sch, TritonServer(values, grpc_port=free_port(), log=log)
+
+
+def _families(ns) -> tuple[str, ...]:
+    return tuple(f for f in ns.families.split(",") if f)
 
 
 def _in_process_latency(ns, specs, knobs) -> float:
@@ -162,8 +183,8 @@ def main(ns, knobs: dict) -> int:
     import json
     import sys
     rates = [float(r) for r in ns.rates.split(",")] if ns.rates else [ns.rate]
-    mix = tuple(int(t) for t in ns.mix_tokens.split(","))
-    fams = tuple(f for f in ns.families.split(",") if f)
+    mix = parse_mix(ns.mix_tokens)
+    fams = _families(ns)
     kw = dict(mix_tokens=mix, families=fams, stream_frac=ns.stream_frac, cancel_frac=ns.cancel_frac, seed=ns.seed,
               model=ns.model_name, timeout=ns.timeout, progress=sys.stderr.isatty() and not ns.json)
     if not ns.compare_schedulers:

@@ -11,7 +11,7 @@ import torch
 
 from esdllm.runtime import task
 from esdllm.runtime.config import DECODE_PRESETS, DecodeConfig
-from esdllm.runtime.engine import Engine
+from esdllm.runtime.engine import Engine, split_runs
 from esdllm.runtime.generate import generate
 from esdllm.runtime.pipeline import Pipeline
 
@@ -65,6 +65,43 @@ def test_staggered_arrivals_and_cancellations_give_the_tokens_alone(pipe, preset
             assert r.nfe <= 1
         else:
             assert r.tokens == _alone(pipe, p, c), f"{preset}: request {i} differs from alone"
+
+
+def test_split_runs_cuts_where_padding_costs_more_than_a_forward():
+    assert split_runs([90, 95, 100, 750], 64) == [(0, 3), (3, 4)]   # one long row goes apart
+    assert split_runs([90, 95, 100, 110], 64) == [(0, 4)]           # near widths share one forward
+    assert split_runs([80, 300, 310, 760, 770], 64) == [(0, 1), (1, 3), (3, 5)]
+    assert split_runs([5, 6, 7], 0) == [(0, 1), (1, 2), (2, 3)]     # no fixed cost: every width alone
+    assert split_runs([5, 600], 1e9) == [(0, 2)]
+
+
+@pytest.mark.parametrize("preset", ["vanilla-t0.9-exit", "fast-dllm-prefix-t0.9", "es-dllm-t0.9"])
+def test_rows_of_different_widths_forward_apart_and_still_as_alone(pipe, preset):
+    """A 224-token canvas beside 32-token ones: cut apart the short rows stop paying for its width;
+    either way every request gets its tokens alone."""
+    cfgs = [DecodeConfig(gen_length=g, block_length=32, **DECODE_PRESETS[preset]) for g in (32, 32, 224)]
+    prompts = _prompts(pipe, 3, seed=11)
+    class Counted:  # the executor, counting the positions its forwards run (rows x columns)
+        def __init__(self, ex):
+            self.ex, self.positions = ex, 0
+
+        def __getattr__(self, name):
+            return getattr(self.ex, name)
+
+        def step(self, tokens, *a, **kw):
+            self.positions += tokens.numel()
+            return self.ex.step(tokens, *a, **kw)
+
+    out = {}
+    for cost in (0.0, 1e9):  # every width its own forward; one forward for all
+        ex = Counted(pipe.executor)
+        eng = Engine(ex, max_batch=3, max_len=320, forward_cost=cost)
+        handles = _drive(eng, [(0, p, c, pipe.stop) for p, c in zip(prompts, cfgs)])
+        for h, p, c in zip(handles, prompts, cfgs):
+            assert eng.pop(h).tokens == _alone(pipe, p, c), f"{preset}, forward_cost {cost}: differs from alone"
+        out[cost] = (eng.stats.nfe, ex.positions)
+    (split_nfe, split_pos), (joint_nfe, joint_pos) = out[0.0], out[1e9]
+    assert split_nfe > joint_nfe and split_pos < joint_pos  # more forwards over fewer positions
 
 
 def test_different_methods_decode_side_by_side_each_as_alone(pipe):
