@@ -262,8 +262,11 @@ class Engine:
 
     # --- one step -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[int, str]]:
-        """One denoising step for every active request. -> events [(handle, kind)]."""
+        """One denoising step for every active request. -> events [(handle, kind)]. In inference
+        mode whoever calls it: otherwise every cache write would chain the forwards' autograd
+        graphs onto the lane's caches, holding each forward's activations for good."""
         events: list[tuple[int, str]] = []
         self._finish_cancelled(events)
         self._admit(events)

@@ -104,6 +104,16 @@ def test_rows_of_different_widths_forward_apart_and_still_as_alone(pipe, preset)
     assert split_nfe > joint_nfe and split_pos < joint_pos  # more forwards over fewer positions
 
 
+def test_stepping_outside_inference_mode_keeps_no_autograd_graph(pipe):
+    """The weights require grad; a cache written outside inference mode would hold every forward."""
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in pipe.executor.model.parameters())
+    eng = Engine(pipe.executor, max_batch=2, max_len=128)
+    h = eng.submit(_prompts(pipe, 1)[0], DecodeConfig(gen_length=64, block_length=32, method="es-dllm"), pipe.stop)
+    eng.step()
+    lane = eng.result(h).lane
+    assert all(t.grad_fn is None and not t.requires_grad for t in lane.cache.k + lane.cache.v + [lane.x])
+
+
 def test_different_methods_decode_side_by_side_each_as_alone(pipe):
     names = ["vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9", "streaming-dllm", "dyllm", "es-dllm+streaming"]
     prompts = _prompts(pipe, len(names), seed=8)
