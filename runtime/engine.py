@@ -200,8 +200,9 @@ class Engine:
                  isolate_errors: bool = True, forward_cost: float | None = None):
         self.executor, self.max_batch, self.max_len, self.max_lanes = executor, max_batch, max_len, max_lanes
         # a forward's fixed cost in row-positions, for cutting rows of different widths apart: on a
-        # CPU about 40 (one row of 32 positions 2.3 ms, 8 rows 8.3 ms); a GPU forward of a few
-        # thousand positions costs about what one of a few does
+        # CPU about 40 (one row of 32 positions 2.3 ms, 8 rows 8.3 ms), taken a little higher so
+        # that rows of near widths stay together; a GPU forward of a few thousand positions costs
+        # about what one of a few does
         self.forward_cost = forward_cost if forward_cost is not None else (
             64.0 if torch.device(executor.device).type == "cpu" else 4096.0)
         self.isolate_errors = isolate_errors  # False: a failing forward raises out of step()
