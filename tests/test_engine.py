@@ -81,6 +81,7 @@ def test_rows_of_different_widths_forward_apart_and_still_as_alone(pipe, preset)
     either way every request gets its tokens alone."""
     cfgs = [DecodeConfig(gen_length=g, block_length=32, **DECODE_PRESETS[preset]) for g in (32, 32, 224)]
     prompts = _prompts(pipe, 3, seed=11)
+
     class Counted:  # the executor, counting the positions its forwards run (rows x columns)
         def __init__(self, ex):
             self.ex, self.positions = ex, 0
