@@ -36,6 +36,13 @@ DECODE_PRESETS: dict[str, dict] = {
     "fast-dllm-prefix-t0.9-exit": dict(method="fast-dllm", cache="prefix", threshold=0.9, early_exit=True),
     "vanilla-t0.9-exit": dict(method="vanilla", threshold=0.9, early_exit=True),
     "es-dllm-t0.9-exit": dict(method="es-dllm", threshold=0.9, early_exit=True),
+    # p1: the prompt rows refreshed every step (so no step skips: refreshes are all-update steps)
+    # and EOS not delayed; what is left is ES-dLLM's suffix cache. See README, "stale prompt rows".
+    "es-dllm-p1-t0.9-exit": dict(method="es-dllm", threshold=0.9, early_exit=True, prompt_update_freq=1,
+                                 delay_eos=False),
+    # ... and those refreshes skip rows, the prompt's ranked with the block's by importance
+    "es-dllm-p1s-t0.9-exit": dict(method="es-dllm", threshold=0.9, early_exit=True, prompt_update_freq=1,
+                                  delay_eos=False, prompt_skip=True),
 }
 
 
@@ -116,6 +123,9 @@ class DecodeConfig:
     prompt_update_freq: int = 64
     block_update_freq: int = 16
     delay_eos: bool = True
+    # esdllm's extension: prompt refreshes skip too, the prompt rows competing with the block's for
+    # the keep budget by importance (off: the authors' all-update refreshes). README, "stale prompt rows"
+    prompt_skip: bool = False
     # Dream only: ES-dLLM's refresh rows in token coordinates (the just-committed bonus on the token's
     # own row, the block-start forward from it, the block's last row forwarded) instead of the
     # authors' predicting-row coordinates; README "ES-dLLM as its authors wrote it"

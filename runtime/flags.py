@@ -64,6 +64,9 @@ def add_decode_args(p: argparse.ArgumentParser, **defaults) -> None:
                    help=f"es-dllm: refresh the prompt rows every N steps (default {d.prompt_update_freq})")
     g.add_argument("--block-update-freq", type=int, default=d.block_update_freq,
                    help=f"es-dllm: a step without skipping every N steps (default {d.block_update_freq})")
+    g.add_argument("--prompt-skip", action="store_true",
+                   help="es-dllm: prompt refreshes skip rows too, the prompt's ranked by importance with the "
+                        "block's (default: off, the authors' all-update refreshes)")
     g.add_argument("--no-delay-eos", dest="delay_eos", action="store_false",
                    help="es-dllm: let EOS be committed before the answer is decided (default: delayed)")
     g.add_argument("--es-token-rows", action="store_true",

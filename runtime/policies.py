@@ -336,7 +336,10 @@ class ESDLLM(Vanilla):
         if step_cnt == 0:  # the one full forward that fills every K/V and hidden cache
             return ("full", False, last_max)
         prompt = step_cnt % cfg.prompt_update_freq == 0
-        skip = bool(self.schedule) and not prompt and step_cnt % cfg.block_update_freq != 0
+        # the authors' prompt refreshes are all-update steps; prompt_skip lets them skip, so the prompt
+        # rows whose states moved (a perm letter just used) are the ones recomputed in deep layers
+        skip = (bool(self.schedule) and (cfg.prompt_skip or not prompt)
+                and step_cnt % cfg.block_update_freq != 0)
         if prompt:
             return ("prompt", skip, last_max)
         # block starts and block steps share a forward (rows right-aligned, each its own first row);

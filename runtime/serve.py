@@ -129,8 +129,10 @@ def _interrupt(signum, frame):
 def ready_message(server: TritonServer, values: dict) -> str:
     """What `esdllm serve` prints once the model is up: where, with which defaults, how to ask."""
     d = json.loads(values["decode_defaults"])
-    knobs = ", ".join(f"{k} {d[k]}" for k in ("method", "gen_length", "block_length", "threshold", "cache", "early_exit")
-                      if d.get(k) is not None)
+    base = DecodeConfig().__dict__  # es-dllm's refresh knobs are shown where they differ from the authors'
+    shown = [k for k in ("method", "gen_length", "block_length", "threshold", "cache", "early_exit") if d.get(k) is not None]
+    shown += [k for k in ("prompt_update_freq", "delay_eos", "prompt_skip") if k in d and d[k] != base[k]]
+    knobs = ", ".join(f"{k} {d[k]}" for k in shown)
     lines = [f"esdllm serve: ready: model {values['model_name']!r} on gRPC {server.grpc_url}"
              + (f" and HTTP {server.http_url}" if server.http_url else " (HTTP off; --http-port turns it on)"),
              f"  served defaults: {knobs}; max_tokens <= {values['max_tokens_limit']}, "

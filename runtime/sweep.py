@@ -2,8 +2,10 @@
 
 Curves (one per method; a point is one setting of its knob, all else the method's defaults):
   vanilla (k/step)   fixed-count decoding, 1 / 2 / 4 tokens a step (steps = gen / k)
-  vanilla, fast-dllm-dual, fast-dllm-prefix, es-dllm, es-dllm+streaming
-                     confidence threshold 0.5 ... 0.95
+  vanilla, fast-dllm-dual, fast-dllm-prefix, es-dllm, es-dllm p1, es-dllm p1s, es-dllm+streaming
+                     confidence threshold 0.5 ... 0.95 (es-dllm p1: the prompt rows refreshed every
+                     step, EOS not delayed, early exit; p1s: those refreshes skip rows too;
+                     config.DECODE_PRESETS "es-dllm-p1-t0.9-exit", "es-dllm-p1s-t0.9-exit")
   streaming-dllm     suffix window 16 ... 96 (its threshold 0.9, dynamic threshold, early exit)
   dyllm              saliency tau 0.9 ... 0.999 (one token a step)
 Every point runs on the same held-out problems as the rest (runtime/evaluate.py), interleaved batch
@@ -21,6 +23,12 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 REFERENCE = "vanilla k1"  # the accuracy every other point is held to
 TOLERANCE = 0.02
 
+
+def _knobless(preset: str) -> dict:
+    """A preset's settings without its threshold (the knob a curve moves)."""
+    return {k: v for k, v in DECODE_PRESETS[preset].items() if k != "threshold"}
+
+
 # curve -> (the method's settings, the knob, its values)
 CURVES: dict[str, tuple[dict, str, tuple]] = {
     "vanilla (k/step)": (dict(method="vanilla"), "tokens_per_step", (1, 2, 4)),
@@ -28,8 +36,9 @@ CURVES: dict[str, tuple[dict, str, tuple]] = {
     "fast-dllm-dual": (dict(method="fast-dllm", cache="dual"), "threshold", THRESHOLDS),
     "fast-dllm-prefix": (dict(method="fast-dllm", cache="prefix"), "threshold", THRESHOLDS),
     "es-dllm": (dict(method="es-dllm"), "threshold", THRESHOLDS),
-    "es-dllm+streaming": ({k: v for k, v in DECODE_PRESETS["es-dllm+streaming"].items() if k != "threshold"},
-                          "threshold", THRESHOLDS),
+    "es-dllm p1": (_knobless("es-dllm-p1-t0.9-exit"), "threshold", THRESHOLDS),
+    "es-dllm p1s": (_knobless("es-dllm-p1s-t0.9-exit"), "threshold", THRESHOLDS),
+    "es-dllm+streaming": (_knobless("es-dllm+streaming"), "threshold", THRESHOLDS),
     "streaming-dllm": (dict(method="streaming-dllm"), "suffix_window", (16, 32, 64, 96)),
     "dyllm": (dict(method="dyllm"), "saliency_tau", (0.9, 0.95, 0.99, 0.999)),
 }

@@ -116,7 +116,8 @@ def test_stepping_outside_inference_mode_keeps_no_autograd_graph(pipe):
 
 
 def test_different_methods_decode_side_by_side_each_as_alone(pipe):
-    names = ["vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9", "streaming-dllm", "dyllm", "es-dllm+streaming"]
+    names = ["vanilla", "fast-dllm-dual-t0.9", "es-dllm-t0.9", "streaming-dllm", "dyllm", "es-dllm+streaming",
+             "es-dllm-p1-t0.9-exit", "es-dllm-p1s-t0.9-exit"]
     prompts = _prompts(pipe, len(names), seed=8)
     cfgs = [DecodeConfig(gen_length=64, block_length=32, **DECODE_PRESETS[n]) for n in names]
     arrivals = [(2 * i, p, c, pipe.stop) for i, (p, c) in enumerate(zip(prompts, cfgs))]

@@ -102,3 +102,48 @@ def test_committed_models_are_small_hf_checkpoints_that_answer(family):
                             DecodeConfig(method=method, threshold=0.9, gen_length=64, block_length=32))
         hits = sum(task.check(c.text, p) for c, p in zip(res.completions, probs))
         assert hits >= 6, (method, [c.text for c in res.completions])
+
+
+def test_sweep_points_cover_every_curve_along_its_knob():
+    from esdllm.runtime import sweep
+    pts = sweep.points(64, 32)
+    assert {curve for curve, *_ in pts.values()} == set(sweep.CURVES)
+    assert [pts[f"vanilla k{k}"][3].steps for k in (1, 2, 4)] == [64, 32, 16]
+    assert "vanilla k4" not in sweep.points(60, 6)  # 4 tokens a step must divide the block
+    for t in sweep.THRESHOLDS:
+        p1 = pts[f"es-dllm p1 t{t}"][3]
+        assert (p1.method, p1.threshold, p1.prompt_update_freq, p1.delay_eos, p1.early_exit) == \
+            ("es-dllm", t, 1, False, True)
+        assert pts[f"es-dllm t{t}"][3].prompt_update_freq == DecodeConfig().prompt_update_freq
+
+
+def test_frontier_is_the_fastest_point_within_two_points_of_one_token_a_step():
+    from esdllm.runtime import sweep
+
+    def r(acc, tps):
+        return {"accuracy": acc, "tokens_per_second": tps}
+    fr = sweep.frontier({"vanilla k1": r(0.90, 10.0), "close": r(0.881, 50.0), "far": r(0.87, 400.0),
+                         "slow": r(0.95, 20.0)})
+    assert fr["fastest_within_2_points"] == "close" and fr["speedup_over_reference"] == 5.0
+    assert sweep.frontier({"vanilla k1": r(0.5, 10.0), "worse": r(0.1, 99.0)})["fastest_within_2_points"] == "vanilla k1"
+
+
+def test_eval_sweep_cli_runs_every_point_and_draws_the_frontier(tmp_path):
+    if not (MODEL / "config.json").is_file():
+        pytest.skip(f"no committed default model at {MODEL}")
+    import contextlib
+    import io
+
+    from esdllm.runtime import sweep
+    from esdllm.runtime.cli import main
+    png, out = tmp_path / "frontier.png", io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["eval", "--sweep", "--model", str(MODEL), "--n", "2", "--batch-size", "2", "--json",
+                   "--plot", str(png), "--families", "maps"])
+    assert rc == 0
+    res = json.loads(out.getvalue().strip().splitlines()[-1])
+    fam = res["families"]["maps"]
+    assert set(fam["methods"]) == set(sweep.points(64, 32))
+    assert fam["methods"]["vanilla k1"]["nfe"] == 64
+    assert fam["frontier"]["fastest_within_2_points"] in fam["methods"]
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

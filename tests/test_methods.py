@@ -14,6 +14,7 @@ from esdllm.runtime.weights import load_model, make_tiny_checkpoint
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3], [4, 4, 4, 4, 4, 4, 4, 4, 4]]
 BASE = DecodeConfig(gen_length=48, block_length=16)
 COMPOSED = dict(method="es-dllm", suffix_window=16, dynamic_alpha=0.3, threshold=0.5, early_exit=True)
+P1S = dict(method="es-dllm", threshold=0.5, early_exit=True, prompt_update_freq=1, delay_eos=False, prompt_skip=True)
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
@@ -98,8 +99,34 @@ def test_early_exit_never_changes_the_tokens_up_to_the_eos_block(kw):
     assert exited > 0 and early.stats.nfe < full.stats.nfe
 
 
-@pytest.mark.parametrize("kw", [dict(method="streaming-dllm"), dict(method="dyllm"), COMPOSED],
-                         ids=["streaming-dllm", "dyllm", "es-dllm+streaming"])
+def test_prompt_skip_ranks_the_prompt_rows_with_the_blocks(model):
+    """es-dllm with the prompt refreshed every step: the authors' refreshes run every row through
+    every layer; with prompt_skip they prune, and prompt rows compete for the deep layers' places."""
+    cfg = BASE.replace(method="es-dllm", prompt_update_freq=1, delay_eos=False)
+    P, L = len(PROMPTS[0]), len(PROMPTS[0]) + BASE.gen_length
+    seen = {}
+    for skip in (False, True):
+        rows = {0: [], -1: []}  # per forward: the canvas rows the first and the last layer run
+        hooks = [model.layers[l].register_forward_pre_hook(
+            lambda m, a, l=l: rows[l].append({r for r in a[3][0].tolist() if r < L})) for l in rows]
+        try:
+            stats = run(model, cfg.replace(prompt_skip=skip), PROMPTS[:1]).stats
+        finally:
+            for h in hooks:
+                h.remove()
+        seen[skip] = stats, list(zip(rows[0], rows[-1]))[1:]  # after the first, full forward
+    (dense, dense_fwd), (skipped, skip_fwd) = seen[False], seen[True]
+    assert all(0 in first and first == last for first, last in dense_fwd)
+    assert all(0 in first for first, _ in skip_fwd)  # still a prompt refresh every step
+    pruned = [last for first, last in skip_fwd if last < first]
+    assert len(pruned) >= len(skip_fwd) - len(skip_fwd) // 16 - 1  # all but the all-update steps
+    prompt_kept = [len(last & set(range(P - 1))) for last in pruned]
+    assert max(prompt_kept) > 0 and min(prompt_kept) < P - 1  # prompt rows kept, and dropped
+    assert skipped.positions_computed < dense.positions_computed
+
+
+@pytest.mark.parametrize("kw", [dict(method="streaming-dllm"), dict(method="dyllm"), COMPOSED, P1S],
+                         ids=["streaming-dllm", "dyllm", "es-dllm+streaming", "es-dllm-p1s"])
 def test_batch_invariance(model, kw):
     cfg = BASE.replace(**kw)
     out = run(model, cfg)

@@ -54,7 +54,7 @@ def _served(tmp_path, *flags) -> dict:
 
 
 def test_served_defaults_follow_the_checkpoints_measured_record(tmp_path, llada_ckpt):
-    """The embedded LLaDA records vanilla at 0.9 with early exit (es-dllm loses perm and chain on it);
+    """The embedded LLaDA records es-dllm at 0.9 with early exit and the prompt refreshed every step;
     a checkpoint without a record gets SERVE_DEFAULTS; a flag overrides either; a bad record is named."""
     import json
     import shutil
@@ -62,13 +62,14 @@ def test_served_defaults_follow_the_checkpoints_measured_record(tmp_path, llada_
     from esdllm.runtime.serve import SERVE_DEFAULTS, SERVE_KEY, served_defaults
     rec = json.loads((default_model() / "generation_config.json").read_text())[SERVE_KEY]
     d = _served(tmp_path)
-    assert (d["method"], d["threshold"], d["early_exit"]) == (rec["method"], rec["threshold"], rec["early_exit"])
-    assert d["method"] == "vanilla" and served_defaults(None)["method"] == "vanilla"
+    keys = ("method", "threshold", "early_exit", "prompt_update_freq", "delay_eos")
+    assert [d[k] for k in keys] == [rec[k] for k in keys] == ["es-dllm", 0.9, True, 1, False]
+    assert served_defaults(None) == {k: rec[k] for k in keys}
     assert served_defaults(llada_ckpt) == SERVE_DEFAULTS  # a checkpoint that records nothing
     d = _served(tmp_path, "--model", str(llada_ckpt))
-    assert (d["method"], d["threshold"], d["early_exit"]) == ("es-dllm", 0.9, True)
+    assert (d["method"], d["threshold"], d["early_exit"], d["prompt_update_freq"]) == ("es-dllm", 0.9, True, 64)
     d = _served(tmp_path, "--threshold", "0.95")  # a flag without a method: over the record
-    assert (d["method"], d["threshold"]) == ("vanilla", 0.95)
+    assert (d["method"], d["threshold"], d["prompt_update_freq"]) == ("es-dllm", 0.95, 1)
     d = _served(tmp_path, "--method", "fast-dllm")  # a method: only what was given
     assert (d["method"], d["threshold"], d["early_exit"]) == ("fast-dllm", None, None)
     bad = tmp_path / "bad"
@@ -80,6 +81,17 @@ def test_served_defaults_follow_the_checkpoints_measured_record(tmp_path, llada_
     (bad / "generation_config.json").write_text(json.dumps({**g, SERVE_KEY: {"method": "es-dllm", "threshold": 2}}))
     with pytest.raises(ValueError, match="threshold"):
         served_defaults(bad)
+
+
+def test_ready_message_names_the_refresh_knobs_that_differ_from_the_authors():
+    from types import SimpleNamespace
+    from esdllm.runtime.serve import ready_message, repo_values, served_defaults
+    server = SimpleNamespace(grpc_url="127.0.0.1:8001", http_url=None)
+    msg = ready_message(server, repo_values(None, None, decode=served_defaults(None)))
+    assert "method es-dllm" in msg and "threshold 0.9" in msg and "early_exit True" in msg
+    assert "prompt_update_freq 1" in msg and "delay_eos False" in msg and "prompt_skip" not in msg
+    plain = ready_message(server, repo_values(None, None, decode={"method": "es-dllm"}))
+    assert "prompt_update_freq" not in plain and "delay_eos" not in plain
 
 
 class _Pipe:
