@@ -79,6 +79,16 @@ class TrainConfig:
     # of the random mask: decoders that hold EOS back (ES-dLLM's delayed EOS) decode the answer
     # with the tail still masked, a state the i.i.d. mask rarely shows
     tail_mask: float = 0.5
+    # share of rows put in the state semi-autoregressive decoding leaves: the answer decided up to a
+    # random block boundary inside it, that block masked at the row's rate, every later position
+    # masked. Without it long answers end early under block decoding (the whole-canvas decode of
+    # the same model gets them right): the i.i.d. mask almost never hides a long answer's end.
+    block_state: float = 0.0
+    block_length: int = 32
+    # share of the long family's batches drawn from answers of at least long_tail_min tokens (the
+    # log-uniform lengths give them about a third of its rows)
+    long_tail: float = 0.0
+    long_tail_min: int = 64
     init_from: str | None = None           # start from this checkpoint's weights (a second stage)
     ckpt_every: int = 100
     val_every: int = 500
@@ -126,10 +136,12 @@ def encode_batch(tok, problems: list[task.Problem], chat: list[bool], gen_length
 
 
 def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int,
-                   gen: torch.Generator, eps: float = 1e-3, tail_mask: float = 0.0) -> torch.Tensor:
+                   gen: torch.Generator, eps: float = 1e-3, tail_mask: float = 0.0, block_state: float = 0.0,
+                   block_length: int = 32) -> torch.Tensor:
     """LLaDA SFT loss on the response region input_ids[:, P:] (see the module docstring).
 
     tail_mask: share of rows whose end-of-turn / EOS tail is masked entirely (TrainConfig.tail_mask).
+    block_state: share of rows in a block-decoding state (TrainConfig.block_state).
     """
     B, L = input_ids.shape
     R = L - P
@@ -143,6 +155,16 @@ def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: 
         forced = tail & (torch.rand(B, 1, generator=gen) < tail_mask) & ~masked
         masked = masked | forced
         # forced tokens were not drawn by the t-process: weight 1, or a small t would blow them up
+        weight = torch.where(forced, 1.0, weight)
+    if block_state > 0:  # drawn only when asked, so runs without it keep their noise
+        resp = input_ids[:, P:]
+        ans = ((resp != model.args.eos_id) & (resp != model.args.eot_id)).sum(1)
+        pick = (torch.rand(B, generator=gen) < block_state)[:, None]
+        b = (torch.rand(B, generator=gen) * (ans // block_length + 1)).long() * block_length  # current block
+        pos = torch.arange(R)[None]
+        later = pick & (pos >= (b + block_length)[:, None])
+        forced = later & ~masked
+        masked = (masked & ~(pick & (pos < b[:, None]))) | later
         weight = torch.where(forced, 1.0, weight)
     noisy = input_ids.clone()
     noisy[:, P:][masked] = model.args.mask_id
@@ -194,7 +216,12 @@ def step_batch(cfg: TrainConfig, tok, args: ModelArgs, step: int):
     chat = rng.random() < cfg.chat_frac
     longest_prompt = 12 + task.LENGTHS[fam][1] + (40 if chat else 0)  # op name, letters, template
     n = max(1, min(cfg.batch, cfg.tokens_per_step // (longest_prompt + gen_length)))
-    probs = task.problems(cfg.seed, n, split="train", start=step * cfg.batch, family=fam)
+    if fam == "long" and cfg.long_tail > 0 and rng.random() < cfg.long_tail:
+        # this step's own slice of the stream (start..start+batch), keeping only the long answers
+        pool = task.problems(cfg.seed, cfg.batch, split="train", start=step * cfg.batch, family=fam)
+        probs = [p for p in pool if len(p.answer) >= cfg.long_tail_min][:n] or pool[:n]
+    else:
+        probs = task.problems(cfg.seed, n, split="train", start=step * cfg.batch, family=fam)
     return encode_batch(tok, probs, [chat] * n, gen_length, args)
 
 
@@ -273,7 +300,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             g["lr"] = lr_at(cfg, step)
         x, am, P = step_batch(cfg, tok, args, step)
         noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        loss = diffusion_loss(model, x, am, P, noise, cfg.mask_eps, cfg.tail_mask)
+        loss = diffusion_loss(model, x, am, P, noise, cfg.mask_eps, cfg.tail_mask, cfg.block_state, cfg.block_length)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -324,6 +351,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-lengths", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.gen_lengths,
                    help="response lengths of short-answer batches, drawn uniformly")
     p.add_argument("--tail-mask", type=float, default=d.tail_mask)
+    p.add_argument("--block-state", type=float, default=d.block_state,
+                   help="share of rows in a block-decoding state (answer decided to a block, the rest masked)")
+    p.add_argument("--block-length", type=int, default=d.block_length)
+    p.add_argument("--long-tail", type=float, default=d.long_tail,
+                   help="share of long-family batches drawn from answers of >= --long-tail-min tokens")
+    p.add_argument("--long-tail-min", type=int, default=d.long_tail_min)
     p.add_argument("--init-from", default=None,
                    help="checkpoint dir to start from (same shape, or fewer layers: grown in depth)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
