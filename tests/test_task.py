@@ -167,7 +167,7 @@ def test_resume_accepts_another_thread_count(tmp_path):
     assert info is not None and (tmp_path / "model.safetensors").is_file()
 
 
-def _masked_input(T, cfg, tmp_path, tail_mask, seed=0):
+def _masked_input(T, cfg, tmp_path, tail_mask, seed=0, block_state=0.0):
     """The noisy ids diffusion_loss feeds the model, and the clean batch they came from."""
     from esdllm.runtime.tokenizer import build_tokenizer, load_tokenizer
     ids = build_tokenizer(cfg.family, tmp_path, alphabet=task.ALPHABET)
@@ -178,8 +178,41 @@ def _masked_input(T, cfg, tmp_path, tail_mask, seed=0):
     x, am, P = T.step_batch(cfg, tok, args, 0)
     seen = []
     model.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
-    T.diffusion_loss(model, x, am, P, torch.Generator().manual_seed(seed), tail_mask=tail_mask)
+    T.diffusion_loss(model, x, am, P, torch.Generator().manual_seed(seed), tail_mask=tail_mask,
+                     block_state=block_state, block_length=8)
     return seen[0], x, P, args
+
+
+def test_block_state_decides_a_prefix_and_hides_everything_after_the_current_block(tmp_path):
+    T, cfg = _micro(tmp_path, task_families=("maps",), family_weights=(1.0,))
+    for seed in range(4):
+        noisy, x, P, args = _masked_input(T, cfg, tmp_path, tail_mask=0.0, seed=seed, block_state=1.0)
+        resp, clean = noisy[:, P:] == args.mask_id, x[:, P:]
+        ans = ((clean != args.eos_id) & (clean != args.eot_id)).sum(1)
+        starts = set()
+        for r in range(x.shape[0]):
+            m = resp[r].tolist()
+            # some block starting inside the answer: decided before it, hidden after it
+            fits = [b for b in range(0, int(ans[r]) + 1, 8) if not any(m[:b]) and all(m[b + 8:])]
+            assert fits, m
+            starts.add(fits[0])
+        assert len(starts) > 1                                    # the boundary varies across rows
+    plain, _, _, _ = _masked_input(T, cfg, tmp_path, tail_mask=0.0, seed=0)
+    assert not all((plain[r, P:] == args.mask_id)[-8:].all() for r in range(plain.shape[0]))
+
+
+def test_long_tail_draws_long_answers_deterministically(tmp_path):
+    T, cfg = _micro(tmp_path, task_families=("long",), family_weights=(1.0,), long_tail=1.0, batch=64,
+                    long_tail_min=64)
+    from esdllm.runtime.tokenizer import build_tokenizer, load_tokenizer
+    args = T.model_args(cfg, build_tokenizer("llada", tmp_path, alphabet=task.ALPHABET))
+    tok = load_tokenizer(tmp_path)
+    x, am, P = T.step_batch(cfg, tok, args, 3)
+    lengths = ((x[:, P:] != args.eos_id) & (x[:, P:] != args.eot_id)).sum(1)
+    assert (lengths >= 64).all(), lengths
+    assert torch.equal(x, T.step_batch(cfg, tok, args, 3)[0])    # still a pure function of (seed, step)
+    x0, _, P0 = T.step_batch(dataclasses.replace(cfg, long_tail=0.0), tok, args, 3)
+    assert (((x0[:, P0:] != args.eos_id) & (x0[:, P0:] != args.eot_id)).sum(1) < 64).any()
 
 
 def test_tail_mask_hides_the_whole_eos_tail(tmp_path):
