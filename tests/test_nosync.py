@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esdllm.runtime import engine as E
+from esdllm.runtime import slots as E  # where lanes build their policies
 from esdllm.runtime import generate as G
 from esdllm.runtime import task
 from esdllm.runtime.compiled import CompiledExecutor, compiled
