@@ -325,14 +325,39 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             bar.close()
             return None
     bar.close()
+    return _save(model, cfg, out, history, prior)
+
+
+def _save(model: Transformer, cfg: TrainConfig, dest: Path, history: list, prior: dict | None,
+          stopped_at: int | None = None) -> dict:
+    """The checkpoint (weights, train_info.json) of a run into dest, which holds its tokenizer."""
     model.eval()
-    save_model(model, out, dtype=cfg.dtype)
+    save_model(model, dest, dtype=cfg.dtype)
     info = {"config": dataclasses.asdict(cfg), "task_families": list(cfg.task_families),
             "params": sum(p.numel() for p in model.parameters()), "history": history}
+    if stopped_at is not None:
+        info["stopped_at"] = stopped_at  # exported from train_state.pt before cfg.steps
     if prior is not None:
         info["init_from"] = prior  # the stage this run continued
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (dest / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def export(out: str | Path, dest: str | Path) -> dict:
+    """Write the checkpoint of a stopped (or running) run's last train_state.pt in `out` to `dest`:
+    an intermediate step taken as the model, e.g. the one a validation or `esdllm eval` picked."""
+    out, dest = Path(out), Path(dest)
+    state_path = out / STATE_FILE
+    if not state_path.is_file():
+        raise ValueError(f"{state_path} not found: --export needs a run stopped with --stop-after or --keep-state")
+    st = torch.load(state_path, weights_only=False)
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["config"].items()})
+    dest.mkdir(parents=True, exist_ok=True)
+    model = Transformer(model_args(cfg, build_tokenizer(cfg.family, dest, alphabet=task.ALPHABET)))
+    model.load_state_dict(st["model"])
+    f = Path(cfg.init_from) / "train_info.json" if cfg.init_from else None
+    prior = json.loads(f.read_text()) if f is not None and f.is_file() else None
+    return _save(model, cfg, dest, st["history"], prior, stopped_at=st["step"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,8 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this step (a multiple of --ckpt-every); rerun to resume")
+    p.add_argument("--export", default=None, metavar="DEST",
+                   help="train nothing: write --out's last checkpointed step (train_state.pt) to DEST as a model")
     a = vars(p.parse_args(argv))
-    keep, stop_after = a.pop("keep_state"), a.pop("stop_after")
+    keep, stop_after, dest = a.pop("keep_state"), a.pop("stop_after"), a.pop("export")
+    if dest is not None:
+        info = export(a["out"], dest)
+        print(json.dumps({"out": dest, "params": info["params"], "stopped_at": info["stopped_at"]}))
+        return
     cfg = TrainConfig(**a)
     info = train(cfg, log=lambda s: tqdm.write(s, file=sys.stderr), stop_after=stop_after)
     if info is None:

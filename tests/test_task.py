@@ -266,3 +266,20 @@ def test_solve_answers_task_prompts_and_rejects_others():
     assert task.solve("double: abc ->") == "aabbcc"
     for bad in ("rot13: qwerty", "reverse: abc ->", "upper: ABC ->", "upper:  ->", "hello"):
         assert task.solve(bad) is None, bad
+
+
+def test_export_writes_a_stopped_runs_checkpoint_as_a_model(tmp_path):
+    T, cfg = _micro(tmp_path / "run", steps=4)
+    with pytest.raises(ValueError, match="train_state.pt not found"):
+        T.export(tmp_path / "run", tmp_path / "model")
+    assert T.train(cfg, log=lambda s: None, stop_after=2) is None
+    info = T.export(tmp_path / "run", tmp_path / "model")
+    assert info["stopped_at"] == 2
+    state = torch.load(tmp_path / "run" / T.STATE_FILE, weights_only=False)["model"]
+    got = load_model(tmp_path / "model").state_dict()
+    assert got.keys() == state.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], state[k], rtol=0, atol=0, msg=k)
+    T.train(cfg, log=lambda s: None)  # the run itself goes on from where it stopped
+    final = load_model(tmp_path / "run").state_dict()["tok_embeddings.weight"]
+    assert not torch.equal(final, got["tok_embeddings.weight"])
