@@ -6,7 +6,8 @@ One stage is one run (the defaults: 6 layers, every task family, 8,000 steps):
 
 --init-from DIR continues from a checkpoint of the same shape (a second stage on fresh data with
 a new --seed), or grows a shallower one in depth (grow_depth: same outputs at step 0); the committed
-models took several stages, see scripts/train_defaults.
+models took several stages, see scripts/train_defaults. --export DEST writes the last checkpointed
+step of a stopped run (--stop-after) as a model.
 
 Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
 (stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
