@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .cache import StepContext
 from .config import DecodeConfig, Stats
-from .slots import Lane, Request, lane_key, narrowed, split_runs  # noqa: F401  (split_runs: tests)
+from .slots import Lane, Request, lane_key, narrowed, split_runs
 
 
 class Engine:
