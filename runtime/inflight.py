@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Engine
-from .serving import Request, StreamText
+from .serving import Request, StreamText, release_memory, tune_malloc
 
 BUSY = "server busy, try again later: the request queue is full"
 
@@ -41,13 +41,17 @@ class Job:
 
 class InflightLoop:
     def __init__(self, pipe, max_batch: int, max_len: int, max_queue: int, send, cancelled, info: dict,
-                 log=print, note=print, on_fatal=None, max_lanes: int = 4, check_every: float = 0.02):
+                 log=print, note=print, on_fatal=None, max_lanes: int = 4, check_every: float = 0.02,
+                 trim_after: float = 0.5):
         self.pipe, self.send, self.cancelled, self.info, self.log, self.note = pipe, send, cancelled, info, log, note
         self.on_fatal = on_fatal
         self.max_queue = max_queue
         # how often clients are asked whether they are still there: a departed client's row is free
         # within this much time (and one step)
         self.check_every, self.next_check = check_every, 0.0
+        # the heap is handed back once the engine has idled this long (release_memory takes ~10 ms:
+        # not between back-to-back requests), once per idle spell
+        self.trim_after, self.idle_since, self.trimmed = trim_after, None, True
         self.engine = Engine(pipe.executor, max_batch, max_len, max_lanes=max_lanes)
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.jobs: dict[int, Job] = {}
@@ -56,6 +60,7 @@ class InflightLoop:
         self.thread = threading.Thread(target=self._run, name="esdllm-engine", daemon=True)
 
     def start(self) -> "InflightLoop":
+        tune_malloc()  # this process's activations from the heap; the idle loop trims it
         self.thread.start()
         return self
 
@@ -88,10 +93,12 @@ class InflightLoop:
                 while not self.stopping.is_set():
                     self._admit()
                     if not self.engine.busy():
+                        self._idle()
                         self._wait()
                         # the requests that woke an idle loop were asked at admission
                         self.next_check = time.perf_counter() + self.check_every
                         continue
+                    self.idle_since, self.trimmed = None, False
                     if time.perf_counter() >= self.next_check:  # each ask is a round trip to the server
                         self.next_check = time.perf_counter() + self.check_every
                         for h, job in list(self.jobs.items()):
@@ -104,6 +111,14 @@ class InflightLoop:
             self._fail_all(f"the engine stopped: {self.dead}")
             if self.on_fatal is not None:
                 self.on_fatal(self.dead)
+
+    def _idle(self) -> None:
+        now = time.perf_counter()
+        if self.idle_since is None:
+            self.idle_since = now
+        elif not self.trimmed and now - self.idle_since >= self.trim_after:
+            release_memory()
+            self.trimmed = True
 
     def _wait(self) -> None:
         try:

@@ -175,7 +175,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
         # glibc raises its mmap threshold after every large free, so a burst of multi-MB requests
-        # leaves their buffers in the heap for good; a fixed threshold hands them back to the OS
+        # leaves their buffers in the heap for good; a fixed threshold hands them back to the OS.
+        # The in-flight model process raises its own and trims when idle (serving.tune_malloc)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 10))
         return env
 
@@ -241,9 +242,12 @@ class TritonServer:
         return None
 
     def rss_kib(self) -> dict[str, int]:
-        """Resident memory of the server and of its stubs, KiB."""
+        """Resident memory of the server and of its stubs, KiB; stubs_shm is the part of the stubs'
+        that is Triton's shared-memory pool (it grows in 4 MiB regions for large messages, and keeps them)."""
         out = {"tritonserver": _rss(self.proc.pid) if self.proc else 0}
-        out["stubs"] = sum(_rss(p) for p in self.stubs())
+        stubs = self.stubs()
+        out["stubs"] = sum(_rss(p) for p in stubs)
+        out["stubs_shm"] = sum(_rss(p, "RssShmem:") for p in stubs)
         return out
 
     def shm_regions(self) -> list[Path]:
@@ -319,10 +323,10 @@ def _stat(pid: int) -> tuple[str, str] | None:
     return comm, text[text.rindex(")") + 2]
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, field: str = "VmRSS:") -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         pass

@@ -9,7 +9,8 @@ served alone, one at a time: a completed response that differs from it is a mism
 
 Per rate: requests/s and tokens/s of completed requests, latency p50/p90/p99 (arrival to final
 response), time to first streamed token (p50/p90), time per output token of streamed requests,
-errors, mismatches; once, batch-1 latency on a kept connection and on a fresh one. With
+errors, mismatches; once, the batch-1 latency of each family's first request, on a kept connection
+and on a fresh one (against Pipeline.generate in-process with --compare-schedulers). With
 --compare-schedulers bench-serve starts one server per scheduler itself (inflight and batch, same
 model, same flags) and runs the same arrivals against each.
 """
@@ -54,7 +55,7 @@ def workload(n: int, seed: int, mix_tokens: tuple[int, ...], stream_frac: float,
     for p in probs:
         cancel = rng.random() < cancel_frac
         max_tokens = rng.choice(mix_tokens) if mix_tokens else task.NATURAL_GEN[p.family]
-        out.append({"prompt": p.prompt, "max_tokens": max_tokens,
+        out.append({"prompt": p.prompt, "max_tokens": max_tokens, "family": p.family,
                     "stream": cancel or rng.random() < stream_frac, "cancel": cancel})
     return out
 
@@ -126,18 +127,30 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
             "wall_seconds": round(wall, 3)}
 
 
+def first_of_each_family(specs: list[dict]) -> list[dict]:
+    seen = {}
+    for s in specs:
+        seen.setdefault(s["family"], s)
+    return list(seen.values())
+
+
 def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64), stream_frac=0.5,
         cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False,
         families: tuple[str, ...] = ("maps",)) -> dict:
     specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac, families)
     ref = references(url, specs, knobs, model, timeout)
-    first = {"text_input": specs[0]["prompt"], "max_tokens": specs[0]["max_tokens"], **knobs}
-    # batch-1 latency on a kept connection (a client's second request onwards), and with a fresh one
-    with Session(url, model=model) as sess:
-        kept = [sess.request(first, timeout=timeout).seconds for _ in range(5)]
-    fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
-    return {"batch1_latency_s": round(min(kept), 4), "batch1_fresh_connection_s": round(min(fresh), 4),
-            "knobs": knobs, "mix_tokens": list(mix_tokens) or "natural", "families": list(families),
+    # batch-1 latency of each family's first request, best of 5: on a kept connection (a client's
+    # second request onwards) and on a fresh one. What Triton adds is a few fixed milliseconds, so
+    # its share depends on the request's own length: a maps answer takes milliseconds, a long one seconds
+    batch1 = {}
+    for s in first_of_each_family(specs):
+        first = {"text_input": s["prompt"], "max_tokens": s["max_tokens"], **knobs}
+        with Session(url, model=model) as sess:
+            kept = [sess.request(first, timeout=timeout).seconds for _ in range(5)]
+        fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
+        batch1[s["family"]] = {"latency_s": round(min(kept), 4), "fresh_connection_s": round(min(fresh), 4),
+                               "max_tokens": s["max_tokens"]}
+    return {"batch1": batch1, "knobs": knobs, "mix_tokens": list(mix_tokens) or "natural", "families": list(families),
             "stream_frac": stream_frac, "cancel_frac": cancel_frac,
             "rates": [open_loop(url, specs, r, knobs, ref, seed=seed + 1, model=model, timeout=timeout,
                                 progress=progress) for r in rates]}
@@ -159,24 +172,27 @@ def _families(ns) -> tuple[str, ...]:
     return tuple(f for f in ns.families.split(",") if f)
 
 
-def _in_process_latency(ns, specs, knobs) -> float:
-    """Batch-1 latency of the first request in this process: Pipeline.generate on its text (tokenizing
-    and detokenizing included, as a server request), best of 5 after a warm-up."""
+def _in_process_latency(ns, specs, knobs) -> dict[str, float]:
+    """Batch-1 latency of each family's first request in this process: Pipeline.generate on its text
+    (tokenizing and detokenizing included, as a server request), best of 5 after a warm-up."""
     from .config import DecodeConfig
     from .pipeline import Pipeline
-    pipe = Pipeline.load(ns.serve_model)
-    s = specs[0]
     from .serve import served_defaults
+    pipe = Pipeline.load(ns.serve_model)
     decode = served_defaults(ns.serve_model) if "method" not in knobs else {}
     given = {k: v for k, v in knobs.items() if k in DecodeConfig.__dataclass_fields__}
-    cfg = DecodeConfig(**{"gen_length": s["max_tokens"], "block_length": min(32, s["max_tokens"]), **decode, **given})
-    pipe.generate([s["prompt"]], cfg)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
+    out = {}
+    for s in first_of_each_family(specs):
+        cfg = DecodeConfig(**{"gen_length": s["max_tokens"], "block_length": min(32, s["max_tokens"]),
+                              **decode, **given})
         pipe.generate([s["prompt"]], cfg)
-        best = min(best, time.perf_counter() - t0)
-    return round(best, 4)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            pipe.generate([s["prompt"]], cfg)
+            best = min(best, time.perf_counter() - t0)
+        out[s["family"]] = round(best, 4)
+    return out
 
 
 def main(ns, knobs: dict) -> int:
@@ -195,9 +211,9 @@ def main(ns, knobs: dict) -> int:
             with server:
                 out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, **kw)
         specs = workload(ns.requests, ns.seed, mix, ns.stream_frac, ns.cancel_frac, fams)
-        out["in_process_latency_s"] = _in_process_latency(ns, specs, knobs)
         a, b = out["schedulers"]["inflight"], out["schedulers"]["batch"]
-        out["batch1_overhead"] = round(a["batch1_latency_s"] / out["in_process_latency_s"] - 1, 3)
+        for fam, t in _in_process_latency(ns, specs, knobs).items():
+            a["batch1"][fam].update(in_process_s=t, overhead=round(a["batch1"][fam]["latency_s"] / t - 1, 3))
         out["inflight_over_batch"] = [
             {"rate": x["rate"], "throughput": round(x["tokens_per_second"] / max(y["tokens_per_second"], 1e-9), 3),
              "p99_latency": round(x["p99_latency_s"] / y["p99_latency_s"], 3) if x["p99_latency_s"] and y["p99_latency_s"] else None}
@@ -225,9 +241,10 @@ def _table(out: dict) -> str:
     for x in out.get("inflight_over_batch", []):
         lines.append(f"rate {x['rate']:g}/s: inflight/batch throughput {x['throughput']:.2f}x, p99 latency "
                      f"{x['p99_latency'] if x['p99_latency'] is None else round(x['p99_latency'], 2)}x")
-    if "batch1_overhead" in out:
-        a = out["schedulers"]["inflight"]
-        lines.append(f"batch-1 latency through Triton {a['batch1_latency_s']:.4f} s on a kept connection "
-                     f"({a['batch1_fresh_connection_s']:.4f} s on a fresh one) vs in-process "
-                     f"{out['in_process_latency_s']:.4f} s: overhead {100 * out['batch1_overhead']:+.1f}%")
+    for sch, res in runs.items():
+        for fam, b in res["batch1"].items():
+            vs = (f" vs in-process {b['in_process_s']:.4f} s: overhead {100 * b['overhead']:+.1f}%"
+                  if "overhead" in b else "")
+            lines.append(f"{sch} batch-1 {fam} ({b['max_tokens']} tokens): {b['latency_s']:.4f} s on a kept "
+                         f"connection ({b['fresh_connection_s']:.4f} s on a fresh one){vs}")
     return "\n".join(lines)

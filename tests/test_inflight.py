@@ -151,3 +151,21 @@ def test_shutdown_answers_what_was_waiting(pipe):
     loop.submit(Request(pipe.encode(_prompts(pipe, 1)[0], gen_length=64), CFG, False), s)
     loop.stop(timeout=1)
     assert s.final.is_set() and "shutting down" in s.responses[-1][2]
+
+
+def test_the_heap_is_handed_back_once_per_idle_spell_never_mid_request(pipe, monkeypatch):
+    from esdllm.runtime import inflight
+    trims = []  # (time, requests still in the engine)
+    loop = _loop(pipe, trim_after=0.2)
+    monkeypatch.setattr(inflight, "release_memory", lambda: trims.append((time.perf_counter(), loop.engine.busy())))
+    loop.start()
+    for burst in range(2):
+        senders = [Sender() for _ in range(3)]
+        for t, s in zip(_prompts(pipe, 3), senders):
+            loop.submit(Request(pipe.encode(t, gen_length=64), CFG, False), s)
+        _wait(senders)
+        done = time.perf_counter()
+        time.sleep(0.6)  # idle for three trim_afters: one trim, not three
+        assert len(trims) == burst + 1 and trims[-1][0] - done >= 0.15, trims
+    loop.stop()
+    assert not any(busy for _, busy in trims)

@@ -241,10 +241,12 @@ def test_bad_requests_get_named_errors_while_good_ones_complete(server, pipe):
 
 @pytest.mark.serve
 def test_client_hanging_up_mid_stream_frees_its_slot(server, pipe):
-    r = _ask(server, text_input=PROMPTS[4], max_tokens=MAX_TOKENS, stream=True)  # 4 blocks
+    # vanilla: one token a step over 4 blocks, long enough that the hang-up lands mid-request (the
+    # served default can finish a maps answer before the loop's next look at its client)
+    r = _ask(server, text_input=PROMPTS[4], max_tokens=MAX_TOKENS, stream=True, method="vanilla")
     from esdllm.runtime.client import request
-    cut = request(server.grpc_url, {"text_input": PROMPTS[4], "max_tokens": MAX_TOKENS, "stream": True},
-                  cancel_after=1)
+    cut = request(server.grpc_url, {"text_input": PROMPTS[4], "max_tokens": MAX_TOKENS, "stream": True,
+                                    "method": "vanilla"}, cancel_after=1)
     assert cut.chunks == r.chunks[:1]
     log = Path(server.log)
     deadline = time.monotonic() + 60
@@ -333,6 +335,7 @@ def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trai
     assert r["completed"] == r["requests"] - r["cancelled"]
     assert r["p99_latency_s"] >= r["p50_latency_s"] > 0 and r["tokens_per_second"] > 0
     assert 0 < r["p50_block_s"] <= r["p50_latency_s"]  # a request decodes at least one block
-    assert 0 < res["batch1_latency_s"] and 0 < res["batch1_fresh_connection_s"]
+    assert set(res["batch1"]) == {"maps", "perm"}  # each family's first request, alone
+    assert all(0 < b["latency_s"] and 0 < b["fresh_connection_s"] for b in res["batch1"].values())
     with pytest.raises(ValueError, match="unknown task family 'nope'"):
         loadgen.workload(4, 0, (32,), 0.5, 0.1, families=("nope",))
