@@ -264,7 +264,10 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     torch.manual_seed(cfg.seed)
     model = Transformer(args)
     prior = None
-    if cfg.init_from:
+    state_path = out / STATE_FILE
+    # a resumed run takes its weights and its prior stage's record from its own state: the --init-from
+    # directory may since hold something else (this run's own export, for one)
+    if cfg.init_from and not state_path.is_file():
         src = load_model(cfg.init_from)
         if src.args == args:
             model.load_state_dict(src.state_dict())
@@ -273,14 +276,12 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         else:
             raise ValueError(f"--init-from {cfg.init_from} has shape {src.args}, this run builds {args} "
                              "(only a deeper copy of the same shape can be grown from it)")
-        f = Path(cfg.init_from) / "train_info.json"
-        prior = json.loads(f.read_text()) if f.is_file() else None
+        prior = _prior(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     start, history, spent = 0, [], 0.0
-    state_path = out / STATE_FILE
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         # the thread count changes speed, not results: a run may resume with more or fewer cores
@@ -290,6 +291,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, history, spent = st["step"], st["history"], st.get("elapsed_s", 0.0)
+        prior = st.get("prior", _prior(cfg))  # states written before "prior" was kept read it again
         log(f"resuming from step {start}")
     model.train()
     t0, ema = time.time() - spent, None  # elapsed_s counts the training time of every session
@@ -318,7 +320,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             tmp = state_path.with_suffix(".tmp")
             torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
                         "opt": opt.state_dict(), "step": done, "history": history,
-                        "elapsed_s": time.time() - t0}, tmp)
+                        "elapsed_s": time.time() - t0, "prior": prior}, tmp)
             tmp.replace(state_path)  # atomic: an interrupted save never corrupts the resume point
         if stop_after is not None and done >= stop_after and done < cfg.steps:
             if done % cfg.ckpt_every:
@@ -356,9 +358,13 @@ def export(out: str | Path, dest: str | Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     model = Transformer(model_args(cfg, build_tokenizer(cfg.family, dest, alphabet=task.ALPHABET)))
     model.load_state_dict(st["model"])
+    return _save(model, cfg, dest, st["history"], st.get("prior", _prior(cfg)), stopped_at=st["step"])
+
+
+def _prior(cfg: TrainConfig) -> dict | None:
+    """The train_info of the stage this run starts from, if it has one."""
     f = Path(cfg.init_from) / "train_info.json" if cfg.init_from else None
-    prior = json.loads(f.read_text()) if f is not None and f.is_file() else None
-    return _save(model, cfg, dest, st["history"], prior, stopped_at=st["step"])
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> None:

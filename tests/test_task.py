@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,24 @@ def test_export_writes_a_stopped_runs_checkpoint_as_a_model(tmp_path):
     T.train(cfg, log=lambda s: None)  # the run itself goes on from where it stopped
     final = load_model(tmp_path / "run").state_dict()["tok_embeddings.weight"]
     assert not torch.equal(final, got["tok_embeddings.weight"])
+
+
+def test_a_resumed_stage_keeps_its_prior_when_init_from_is_overwritten(tmp_path):
+    """A stage stopped, exported over its own --init-from (as stage 7 was into models/llada-tiny), then
+    resumed: the final record names the stage it really started from, and the weights it resumes
+    are its own, not the export's."""
+    T, first = _micro(tmp_path / "a", steps=2)
+    T.train(first, log=lambda s: None)
+    prior = json.loads((tmp_path / "a" / "train_info.json").read_text())
+    _, second = _micro(tmp_path / "b", steps=4)
+    second = dataclasses.replace(second, init_from=str(tmp_path / "a"), seed=1)
+    _, whole = _micro(tmp_path / "c", steps=4)
+    whole = dataclasses.replace(whole, init_from=str(tmp_path / "a"), seed=1)
+    ref = T.train(whole, log=lambda s: None)
+    assert T.train(second, log=lambda s: None, stop_after=2) is None
+    T.export(tmp_path / "b", tmp_path / "a")  # the stopped stage overwrites its own start
+    info = T.train(second, log=lambda s: None)
+    assert info["init_from"] == prior == ref["init_from"]
+    a, b = load_model(tmp_path / "c").state_dict(), load_model(tmp_path / "b").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
