@@ -10,10 +10,12 @@ temperature, top_p, top_k, random_seed); the dLLM knobs are esdllm's own.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import locale
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +170,41 @@ def release_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class IdleTrimmer:
+    """For the batch-at-a-time scheduler, which has no loop of its own: a daemon thread that calls
+    release_memory() once execute() has not run for `after` seconds (busy() brackets each call)."""
+
+    def __init__(self, after: float = 0.5):
+        import threading
+        self.after, self.last, self.running, self.trimmed = after, 0.0, 0, True
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        threading.Thread(target=self._run, name="esdllm-trim", daemon=True).start()
+
+    @contextlib.contextmanager
+    def busy(self):
+        with self.lock:
+            self.running += 1
+            self.trimmed = False
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.after / 2):
+            with self.lock:
+                due = not self.trimmed and not self.running and time.monotonic() - self.last >= self.after
+                if due:
+                    self.trimmed = True
+            if due:
+                release_memory()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def load(params: dict[str, str]):

@@ -169,3 +169,21 @@ def test_the_heap_is_handed_back_once_per_idle_spell_never_mid_request(pipe, mon
         assert len(trims) == burst + 1 and trims[-1][0] - done >= 0.15, trims
     loop.stop()
     assert not any(busy for _, busy in trims)
+
+
+def test_the_batch_schedulers_trimmer_waits_for_idle_and_trims_once(monkeypatch):
+    from esdllm.runtime import serving
+    trims = []
+    monkeypatch.setattr(serving, "release_memory", lambda: trims.append(time.monotonic()))
+    t = serving.IdleTrimmer(after=0.1)
+    try:
+        time.sleep(0.3)
+        assert trims == []  # nothing ran yet: nothing to hand back
+        with t.busy():
+            time.sleep(0.3)  # a long execute(): never trimmed under it
+            assert trims == []
+        done = time.monotonic()
+        time.sleep(0.4)
+        assert len(trims) == 1 and trims[0] - done >= 0.1, trims
+    finally:
+        t.stop()

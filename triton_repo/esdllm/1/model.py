@@ -48,7 +48,10 @@ class TritonPythonModel:
             params["device"] = f"cuda:{args['model_instance_device_id']}"
         self.pipe, self.defaults, self.limits, self.chat, self.info = S.load(params)
         self.scheduler = params.get("scheduler") or "inflight"
-        self.loop = None
+        self.loop = self.trimmer = None
+        if self.scheduler == "batch":
+            S.tune_malloc()  # as the in-flight loop does; this thread hands the heap back when idle
+            self.trimmer = S.IdleTrimmer()
         if self.scheduler == "inflight":
             from esdllm.runtime.inflight import InflightLoop
             max_batch = int(config["max_batch_size"])
@@ -77,8 +80,10 @@ class TritonPythonModel:
             refused = self.loop.submit(req, sender)  # returns at once; the engine thread answers
             if refused:
                 self._send(sender, error=_error(refused), final=True)
-        for cfg, group in S.group_by_config(parsed):
-            self._run(cfg, group)
+        if parsed:
+            with self.trimmer.busy():
+                for cfg, group in S.group_by_config(parsed):
+                    self._run(cfg, group)
         return None
 
     def _send_text(self, sender, text=None, stats=None, error=None, final=False) -> bool:
@@ -162,4 +167,6 @@ class TritonPythonModel:
     def finalize(self):
         if self.loop is not None:
             self.loop.stop()
+        if self.trimmer is not None:
+            self.trimmer.stop()
         self.pipe = None
