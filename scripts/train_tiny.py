@@ -358,7 +358,8 @@ def export(out: str | Path, dest: str | Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     model = Transformer(model_args(cfg, build_tokenizer(cfg.family, dest, alphabet=task.ALPHABET)))
     model.load_state_dict(st["model"])
-    return _save(model, cfg, dest, st["history"], st.get("prior", _prior(cfg)), stopped_at=st["step"])
+    stopped_at = st["step"] if st["step"] < cfg.steps else None  # a finished run kept with --keep-state
+    return _save(model, cfg, dest, st["history"], st.get("prior", _prior(cfg)), stopped_at=stopped_at)
 
 
 def _prior(cfg: TrainConfig) -> dict | None:

@@ -284,6 +284,8 @@ def test_export_writes_a_stopped_runs_checkpoint_as_a_model(tmp_path):
     T.train(cfg, log=lambda s: None)  # the run itself goes on from where it stopped
     final = load_model(tmp_path / "run").state_dict()["tok_embeddings.weight"]
     assert not torch.equal(final, got["tok_embeddings.weight"])
+    # a finished run's state (kept, as --keep-state does) exports as the finished model, not a stop
+    assert "stopped_at" not in T.export(tmp_path / "run", tmp_path / "final")
 
 
 def test_a_resumed_stage_keeps_its_prior_when_init_from_is_overwritten(tmp_path):
