@@ -10,7 +10,7 @@ served alone, one at a time: a completed response that differs from it is a mism
 Per rate: requests/s and tokens/s of completed requests, latency p50/p90/p99 (arrival to final
 response), time to first streamed token (p50/p90), time per output token of streamed requests,
 errors, mismatches; once, the batch-1 latency of each family's first request, on a kept connection
-and on a fresh one (against Pipeline.generate in-process with --compare-schedulers). With
+and on a fresh one (against Pipeline.generate in-process, interleaved, with --compare-schedulers). With
 --compare-schedulers bench-serve starts one server per scheduler itself (inflight and batch, same
 model, same flags) and runs the same arrivals against each.
 """
@@ -127,6 +127,32 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
             "wall_seconds": round(wall, 3)}
 
 
+def batch1_latency(url: str, s: dict, knobs: dict, model: str, timeout: float, in_process=None,
+                   reps: int = 10) -> dict:
+    """One request alone, `reps` times on a kept connection (a client's second request onwards) and 5
+    times on a fresh one: min and median seconds. With in_process(spec) -> seconds (Pipeline.generate
+    on the same text in this process) each Triton request is followed by one in-process run, so both
+    see the same machine at the same moments; the overhead is Triton's min over in-process's min (and
+    the same for medians). What Triton adds is a few fixed milliseconds, so its share depends on the
+    request's own length: a maps answer takes milliseconds, a long one tens of them."""
+    first = {"text_input": s["prompt"], "max_tokens": s["max_tokens"], **knobs}
+    kept, local = [], []
+    with Session(url, model=model) as sess:
+        sess.request(first, timeout=timeout)  # warm: the lane of this config is open
+        for _ in range(reps):
+            kept.append(sess.request(first, timeout=timeout).seconds)
+            if in_process is not None:
+                local.append(in_process(s))
+    fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
+    out = {"max_tokens": s["max_tokens"], "latency_s": round(min(kept), 4), "p50_latency_s": _pct(kept, 50),
+           "fresh_connection_s": round(min(fresh), 4)}
+    if local:
+        out.update(in_process_s=round(min(local), 4), in_process_p50_s=_pct(local, 50),
+                   overhead=round(min(kept) / min(local) - 1, 3),
+                   overhead_p50=round(_percentile(kept, 50) / _percentile(local, 50) - 1, 3))
+    return out
+
+
 def first_of_each_family(specs: list[dict]) -> list[dict]:
     seen = {}
     for s in specs:
@@ -136,20 +162,11 @@ def first_of_each_family(specs: list[dict]) -> list[dict]:
 
 def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64), stream_frac=0.5,
         cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False,
-        families: tuple[str, ...] = ("maps",)) -> dict:
+        families: tuple[str, ...] = ("maps",), in_process=None) -> dict:
     specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac, families)
     ref = references(url, specs, knobs, model, timeout)
-    # batch-1 latency of each family's first request, best of 5: on a kept connection (a client's
-    # second request onwards) and on a fresh one. What Triton adds is a few fixed milliseconds, so
-    # its share depends on the request's own length: a maps answer takes milliseconds, a long one seconds
-    batch1 = {}
-    for s in first_of_each_family(specs):
-        first = {"text_input": s["prompt"], "max_tokens": s["max_tokens"], **knobs}
-        with Session(url, model=model) as sess:
-            kept = [sess.request(first, timeout=timeout).seconds for _ in range(5)]
-        fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
-        batch1[s["family"]] = {"latency_s": round(min(kept), 4), "fresh_connection_s": round(min(fresh), 4),
-                               "max_tokens": s["max_tokens"]}
+    batch1 = {s["family"]: batch1_latency(url, s, knobs, model, timeout, in_process)
+              for s in first_of_each_family(specs)}
     return {"batch1": batch1, "knobs": knobs, "mix_tokens": list(mix_tokens) or "natural", "families": list(families),
             "stream_frac": stream_frac, "cancel_frac": cancel_frac,
             "rates": [open_loop(url, specs, r, knobs, ref, seed=seed + 1, model=model, timeout=timeout,
@@ -172,27 +189,23 @@ def _families(ns) -> tuple[str, ...]:
     return tuple(f for f in ns.families.split(",") if f)
 
 
-def _in_process_latency(ns, specs, knobs) -> dict[str, float]:
-    """Batch-1 latency of each family's first request in this process: Pipeline.generate on its text
-    (tokenizing and detokenizing included, as a server request), best of 5 after a warm-up."""
+def _in_process(ns, knobs):
+    """spec -> seconds of Pipeline.generate on its text in this process (tokenizing and detokenizing
+    included, as a server request), with the served model's decoding settings."""
     from .config import DecodeConfig
     from .pipeline import Pipeline
     from .serve import served_defaults
     pipe = Pipeline.load(ns.serve_model)
     decode = served_defaults(ns.serve_model) if "method" not in knobs else {}
     given = {k: v for k, v in knobs.items() if k in DecodeConfig.__dataclass_fields__}
-    out = {}
-    for s in first_of_each_family(specs):
+
+    def one(s: dict) -> float:
         cfg = DecodeConfig(**{"gen_length": s["max_tokens"], "block_length": min(32, s["max_tokens"]),
                               **decode, **given})
+        t0 = time.perf_counter()
         pipe.generate([s["prompt"]], cfg)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            pipe.generate([s["prompt"]], cfg)
-            best = min(best, time.perf_counter() - t0)
-        out[s["family"]] = round(best, 4)
-    return out
+        return time.perf_counter() - t0
+    return one
 
 
 def main(ns, knobs: dict) -> int:
@@ -207,13 +220,11 @@ def main(ns, knobs: dict) -> int:
         out = {"url": ns.url, **run(ns.url, rates, ns.requests, knobs, **kw)}
     else:
         out = {"schedulers": {}}
+        local = _in_process(ns, knobs)
         for sch, server in _servers(ns, ("inflight", "batch")):
             with server:
-                out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, **kw)
-        specs = workload(ns.requests, ns.seed, mix, ns.stream_frac, ns.cancel_frac, fams)
+                out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, in_process=local, **kw)
         a, b = out["schedulers"]["inflight"], out["schedulers"]["batch"]
-        for fam, t in _in_process_latency(ns, specs, knobs).items():
-            a["batch1"][fam].update(in_process_s=t, overhead=round(a["batch1"][fam]["latency_s"] / t - 1, 3))
         out["inflight_over_batch"] = [
             {"rate": x["rate"], "throughput": round(x["tokens_per_second"] / max(y["tokens_per_second"], 1e-9), 3),
              "p99_latency": round(x["p99_latency_s"] / y["p99_latency_s"], 3) if x["p99_latency_s"] and y["p99_latency_s"] else None}
@@ -243,8 +254,8 @@ def _table(out: dict) -> str:
                      f"{x['p99_latency'] if x['p99_latency'] is None else round(x['p99_latency'], 2)}x")
     for sch, res in runs.items():
         for fam, b in res["batch1"].items():
-            vs = (f" vs in-process {b['in_process_s']:.4f} s: overhead {100 * b['overhead']:+.1f}%"
-                  if "overhead" in b else "")
-            lines.append(f"{sch} batch-1 {fam} ({b['max_tokens']} tokens): {b['latency_s']:.4f} s on a kept "
-                         f"connection ({b['fresh_connection_s']:.4f} s on a fresh one){vs}")
+            vs = (f" vs in-process {b['in_process_s']:.4f} / {b['in_process_p50_s']:.4f}: overhead "
+                  f"{100 * b['overhead']:+.1f}% / {100 * b['overhead_p50']:+.1f}%" if "overhead" in b else "")
+            lines.append(f"{sch} batch-1 {fam} ({b['max_tokens']} tokens), min / median s: {b['latency_s']:.4f} / "
+                         f"{b['p50_latency_s']:.4f} on a kept connection ({b['fresh_connection_s']:.4f} fresh){vs}")
     return "\n".join(lines)
