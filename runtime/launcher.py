@@ -176,7 +176,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
         # glibc raises its mmap threshold after every large free, so a burst of multi-MB requests
         # leaves their buffers in the heap for good; a fixed threshold hands them back to the OS.
-        # The in-flight model process raises its own and trims when idle (serving.tune_malloc)
+        # The model process raises its own and trims its heap when idle (serving.tune_malloc)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 10))
         return env
 

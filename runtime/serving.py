@@ -157,9 +157,9 @@ def tune_malloc(mmap_threshold: int = 4 << 20) -> bool:
     """The model process's allocations above `mmap_threshold` get their own mmap, the rest come from
     the heap. The launcher fixes the server's threshold at 256 KiB (so a burst of multi-MB requests
     is handed back to the OS); in the model process that maps and faults in most activations of a
-    long canvas at every forward, 25 to 40% of a 512-token request's CPU time in-process. The
-    in-flight loop raises it to 4 MiB (as fast as glibc's own sliding threshold, and still fixed)
-    and calls release_memory() when the engine idles. False off glibc."""
+    long canvas at every forward, 25 to 40% of a 512-token request's CPU time in-process. The model
+    raises it to 4 MiB under either scheduler (as fast as glibc's own sliding threshold, and still
+    fixed) and calls release_memory() when it idles. False off glibc."""
     libc = _glibc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
 
