@@ -242,9 +242,11 @@ class TritonServer:
         return None
 
     def rss_kib(self) -> dict[str, int]:
-        """Resident memory of the server and of its stubs, KiB; stubs_shm is the part of the stubs'
-        that is Triton's shared-memory pool (it grows in 4 MiB regions for large messages, and keeps them)."""
-        out = {"tritonserver": _rss(self.proc.pid) if self.proc else 0}
+        """Resident memory of the server and of its stubs, KiB; *_shm is the part of each that is the
+        python backend's shared-memory pool, which both map (it grows in regions for large messages
+        and keeps them)."""
+        out = {"tritonserver": _rss(self.proc.pid) if self.proc else 0,
+               "tritonserver_shm": _rss(self.proc.pid, "RssShmem:") if self.proc else 0}
         stubs = self.stubs()
         out["stubs"] = sum(_rss(p) for p in stubs)
         out["stubs_shm"] = sum(_rss(p, "RssShmem:") for p in stubs)

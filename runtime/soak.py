@@ -190,7 +190,8 @@ def _main(ns) -> int:
         g = res["growth_kib"]
         print(f"{res['requests']} requests from {res['concurrency']} clients: live {res['live']}, ready "
               f"{res['ready']}, tritonserver {res['rss_kib_before']['tritonserver'] / 1024:.1f} -> "
-              f"{res['rss_kib_after']['tritonserver'] / 1024:.1f} MiB ({g['tritonserver'] / 1024:+.1f}), stub "
+              f"{res['rss_kib_after']['tritonserver'] / 1024:.1f} MiB ({g['tritonserver'] / 1024:+.1f}, of which "
+              f"shared memory {g['tritonserver_shm'] / 1024:+.1f}), stub "
               f"{res['rss_kib_before']['stubs'] / 1024:.1f} -> {res['rss_kib_after']['stubs'] / 1024:.1f} MiB "
               f"({g['stubs'] / 1024:+.1f}, of which Triton's shared memory {g['stubs_shm'] / 1024:+.1f}); "
               f"kinds answered wrongly: {res['failures'] or 'none'}")
