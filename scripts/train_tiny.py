@@ -7,7 +7,7 @@ One stage is one run (the defaults: 6 layers, every task family, 8,000 steps):
 --init-from DIR continues from a checkpoint of the same shape (a second stage on fresh data with
 a new --seed), or grows a shallower one in depth (grow_depth: same outputs at step 0); the committed
 models took several stages, see scripts/train_defaults. --export DEST writes the last checkpointed
-step of a stopped run (--stop-after) as a model.
+step of a stopped run (--stop-after), or of a finished one kept with --keep-state, as a model.
 
 Masked-diffusion SFT as LLaDA does it (research/models.md A.7): per sequence draw t ~ U(0, 1)
 (stratified over the batch), mask each response token with probability p = (1 - eps) t + eps,
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, history, spent = st["step"], st["history"], st.get("elapsed_s", 0.0)
-        prior = st.get("prior", _prior(cfg))  # states written before "prior" was kept read it again
+        prior = st["prior"] if "prior" in st else _prior(cfg)  # states from before "prior" was kept
         log(f"resuming from step {start}")
     model.train()
     t0, ema = time.time() - spent, None  # elapsed_s counts the training time of every session
@@ -359,7 +359,8 @@ def export(out: str | Path, dest: str | Path) -> dict:
     model = Transformer(model_args(cfg, build_tokenizer(cfg.family, dest, alphabet=task.ALPHABET)))
     model.load_state_dict(st["model"])
     stopped_at = st["step"] if st["step"] < cfg.steps else None  # a finished run kept with --keep-state
-    return _save(model, cfg, dest, st["history"], st.get("prior", _prior(cfg)), stopped_at=stopped_at)
+    prior = st["prior"] if "prior" in st else _prior(cfg)
+    return _save(model, cfg, dest, st["history"], prior, stopped_at=stopped_at)
 
 
 def _prior(cfg: TrainConfig) -> dict | None:
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     keep, stop_after, dest = a.pop("keep_state"), a.pop("stop_after"), a.pop("export")
     if dest is not None:
         info = export(a["out"], dest)
-        print(json.dumps({"out": dest, "params": info["params"], "stopped_at": info["stopped_at"]}))
+        print(json.dumps({"out": dest, "params": info["params"], "stopped_at": info.get("stopped_at")}))
         return
     cfg = TrainConfig(**a)
     info = train(cfg, log=lambda s: tqdm.write(s, file=sys.stderr), stop_after=stop_after)

@@ -307,3 +307,12 @@ def test_a_resumed_stage_keeps_its_prior_when_init_from_is_overwritten(tmp_path)
     a, b = load_model(tmp_path / "c").state_dict(), load_model(tmp_path / "b").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_export_from_the_command_line_prints_one_json_line(tmp_path, capsys):
+    """--export of a finished run kept with --keep-state (scripts/train_defaults' last llada line)."""
+    T, cfg = _micro(tmp_path / "run", steps=2)
+    T.train(cfg, log=lambda s: None)  # the state stays, as main's --keep-state leaves it
+    T.main(["--family", cfg.family, "--out", str(tmp_path / "run"), "--export", str(tmp_path / "model")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stopped_at"] is None and (tmp_path / "model" / "model.safetensors").is_file()
