@@ -60,13 +60,15 @@ def fill_template(text: str, values: dict[str, object]) -> str:
     return _PLACEHOLDER.sub(lambda m: esc[m.group(1)], text)
 
 
-def write_repository(out: str | Path, values: dict, template: Path = REPO_TEMPLATE) -> Path:
-    """A ready model repository at `out`: <out>/<model_name>/{config.pbtxt, 1/...}."""
-    src, dst = template / MODEL_NAME, Path(out) / values["model_name"]
-    if not (src / "config.pbtxt").is_file():
-        raise FileNotFoundError(f"no model template at {src}")
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    (dst / "config.pbtxt").write_text(fill_template((src / "config.pbtxt").read_text(encoding="utf-8"), values))
+def write_repository(out: str | Path, values: dict, template: Path = REPO_TEMPLATE, extra: tuple = ()) -> Path:
+    """A ready model repository at `out`: <out>/<model_name>/{config.pbtxt, 1/...}, plus the template's
+    `extra` models under their own names (bench-serve's "noop")."""
+    for name in (MODEL_NAME, *extra):
+        src, dst = template / name, Path(out) / (values["model_name"] if name == MODEL_NAME else name)
+        if not (src / "config.pbtxt").is_file():
+            raise FileNotFoundError(f"no model template at {src}")
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        (dst / "config.pbtxt").write_text(fill_template((src / "config.pbtxt").read_text(encoding="utf-8"), values))
     return Path(out)
 
 
@@ -128,7 +130,8 @@ class TritonServer:
 
     def __init__(self, values: dict, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int | None = None,
                  tritonserver: str | None = None, log: str | Path | None = None, extra_args: tuple = (),
-                 exit_timeout: int = 3):
+                 exit_timeout: int = 3, extra_models: tuple = ()):
+        self.extra_models = tuple(extra_models)  # template models served beside esdllm (write_repository)
         self.values, self.host, self.grpc_port, self.http_port = values, host, grpc_port, http_port
         self.binary, self.from_wheel = find_tritonserver(tritonserver)
         self.log, self.extra_args, self.exit_timeout = log, tuple(extra_args), exit_timeout
@@ -183,7 +186,7 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         self.work = Path(tempfile.mkdtemp(prefix="esdllm-triton-"))
         try:
-            repo = write_repository(self.work / "models", self.values)
+            repo = write_repository(self.work / "models", self.values, extra=self.extra_models)
             backend_dir, libs = wheel_backend_dir(self.work) if self.from_wheel else (None, [])
             out = None
             if self.log is not None:

@@ -12,10 +12,12 @@ response), time to first streamed token (p50/p90), time per output token of stre
 errors, mismatches; once, the batch-1 latency of each family's first request, on a kept connection
 and on a fresh one (against Pipeline.generate in-process, interleaved, with --compare-schedulers). With
 --compare-schedulers bench-serve starts one server per scheduler itself (inflight and batch, same
-model, same flags) and runs the same arrivals against each.
+model, same flags) and runs the same arrivals against each; beside esdllm each serves triton_repo/noop,
+whose round trip (the floor no python-backend model avoids) is reported with the batch-1 latency.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import threading
@@ -24,6 +26,8 @@ from pathlib import Path
 
 from . import task
 from .client import MODEL_NAME, Reply, Session, _percentile, request
+
+FLOOR_MODEL = "noop"  # triton_repo/noop: answers at once
 
 
 def _pct(xs: list[float], p: float) -> float | None:
@@ -128,28 +132,41 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
 
 
 def batch1_latency(url: str, s: dict, knobs: dict, model: str, timeout: float, in_process=None,
-                   reps: int = 10) -> dict:
+                   reps: int = 10, floor_model: str | None = None) -> dict:
     """One request alone, `reps` times on a kept connection (a client's second request onwards) and 5
     times on a fresh one: min and median seconds. With in_process(spec) -> seconds (Pipeline.generate
     on the same text in this process) each Triton request is followed by one in-process run, so both
     see the same machine at the same moments; the overhead is Triton's min over in-process's min (and
     the same for medians). What Triton adds is a few fixed milliseconds, so its share depends on the
-    request's own length: a maps answer takes milliseconds, a long one tens of them."""
+    request's own length: a maps answer takes milliseconds, a long one tens of them.
+
+    floor_model: a model on the same server that answers at once (triton_repo/noop), asked the same
+    request after each one: its round trip is what any python-backend model pays, and
+    overhead_above_floor is the overhead without it."""
     first = {"text_input": s["prompt"], "max_tokens": s["max_tokens"], **knobs}
-    kept, local = [], []
-    with Session(url, model=model) as sess:
+    kept, local, floor = [], [], []
+    with Session(url, model=model) as sess, contextlib.ExitStack() as stack:
+        noop = stack.enter_context(Session(url, model=floor_model)) if floor_model else None
         sess.request(first, timeout=timeout)  # warm: the lane of this config is open
+        if noop is not None:
+            noop.request(first, timeout=timeout)
         for _ in range(reps):
             kept.append(sess.request(first, timeout=timeout).seconds)
             if in_process is not None:
                 local.append(in_process(s))
+            if noop is not None:
+                floor.append(noop.request(first, timeout=timeout).seconds)
     fresh = [request(url, first, model=model, timeout=timeout).seconds for _ in range(5)]
     out = {"max_tokens": s["max_tokens"], "latency_s": round(min(kept), 4), "p50_latency_s": _pct(kept, 50),
            "fresh_connection_s": round(min(fresh), 4)}
+    if floor:
+        out.update(floor_s=round(min(floor), 4), floor_p50_s=_pct(floor, 50))
     if local:
         out.update(in_process_s=round(min(local), 4), in_process_p50_s=_pct(local, 50),
                    overhead=round(min(kept) / min(local) - 1, 3),
                    overhead_p50=round(_percentile(kept, 50) / _percentile(local, 50) - 1, 3))
+        if floor:
+            out["overhead_above_floor"] = round((min(kept) - min(floor)) / min(local) - 1, 3)
     return out
 
 
@@ -162,10 +179,10 @@ def first_of_each_family(specs: list[dict]) -> list[dict]:
 
 def run(url: str, rates: list[float], n: int, knobs: dict, *, mix_tokens=(32, 64), stream_frac=0.5,
         cancel_frac=0.1, seed: int = 0, model: str = MODEL_NAME, timeout: float = 300.0, progress=False,
-        families: tuple[str, ...] = ("maps",), in_process=None) -> dict:
+        families: tuple[str, ...] = ("maps",), in_process=None, floor_model: str | None = None) -> dict:
     specs = workload(n, seed, mix_tokens, stream_frac, cancel_frac, families)
     ref = references(url, specs, knobs, model, timeout)
-    batch1 = {s["family"]: batch1_latency(url, s, knobs, model, timeout, in_process)
+    batch1 = {s["family"]: batch1_latency(url, s, knobs, model, timeout, in_process, floor_model=floor_model)
               for s in first_of_each_family(specs)}
     return {"batch1": batch1, "knobs": knobs, "mix_tokens": list(mix_tokens) or "natural", "families": list(families),
             "stream_frac": stream_frac, "cancel_frac": cancel_frac,
@@ -182,7 +199,7 @@ def _servers(ns, schedulers: tuple[str, ...]):
                              decode={"gen_length": 64, "block_length": 32, **served_defaults(ns.serve_model)},
                              scheduler=sch)
         log = Path(tempfile.mkdtemp(prefix="esdllm-bench-serve-")) / f"tritonserver-{sch}.log"
-        yield sch, TritonServer(values, grpc_port=free_port(), log=log)
+        yield sch, TritonServer(values, grpc_port=free_port(), log=log, extra_models=(FLOOR_MODEL,))
 
 
 def _families(ns) -> tuple[str, ...]:
@@ -223,7 +240,8 @@ def main(ns, knobs: dict) -> int:
         local = _in_process(ns, knobs)
         for sch, server in _servers(ns, ("inflight", "batch")):
             with server:
-                out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, in_process=local, **kw)
+                out["schedulers"][sch] = run(server.grpc_url, rates, ns.requests, knobs, in_process=local,
+                                             floor_model=FLOOR_MODEL, **kw)
         a, b = out["schedulers"]["inflight"], out["schedulers"]["batch"]
         out["inflight_over_batch"] = [
             {"rate": x["rate"], "throughput": round(x["tokens_per_second"] / max(y["tokens_per_second"], 1e-9), 3),

@@ -150,18 +150,24 @@ def _glibc():
         return None
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 
 
-def tune_malloc(mmap_threshold: int = 4 << 20) -> bool:
+def tune_malloc(mmap_threshold: int = 4 << 20, trim_threshold: int = 64 << 20) -> bool:
     """The model process's allocations above `mmap_threshold` get their own mmap, the rest come from
-    the heap. The launcher fixes the server's threshold at 256 KiB (so a burst of multi-MB requests
-    is handed back to the OS); in the model process that maps and faults in most activations of a
-    long canvas at every forward, 25 to 40% of a 512-token request's CPU time in-process. The model
-    raises it to 4 MiB under either scheduler (as fast as glibc's own sliding threshold, and still
-    fixed) and calls release_memory() when it idles. False off glibc."""
+    the heap, which keeps up to `trim_threshold` of free memory at its top between forwards.
+
+    The launcher fixes the server's mmap threshold at 256 KiB (so a burst of multi-MB requests is
+    handed back to the OS). In the model process that maps and faults in most activations of a long
+    canvas at every forward: 25 to 40% of a 512-token request's CPU time in-process. The model
+    raises it to 4 MiB under either scheduler. A fixed threshold also stops glibc's sliding trim
+    threshold (2x the mmap threshold once it has moved) and leaves the 128 KiB default: the heap was
+    then cut back after every layer and faulted in again (~2,000 page faults and 5 to 20% more time
+    for a 512-token request). The heap is handed back by release_memory() when the engine idles,
+    so trimming between forwards buys nothing. False off glibc."""
     libc = _glibc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))
+                and libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
 
 
 def release_memory() -> None:

@@ -131,13 +131,13 @@ def test_stream_text_holds_back_a_cut_character():
 
 # --- against the real server --------------------------------------------------------------------
 
-def _serve(model_dir, tmp_path_factory, **values):
+def _serve(model_dir, tmp_path_factory, extra_models=(), **values):
     """A real tritonserver over `model_dir` (torch executor, CPU) for one test module; skips without one."""
     pytest.importorskip("tritonclient.grpc")
     from esdllm.runtime.serve import TritonServer
     values = repo_values(None, model_dir, executor="torch", device="cpu", queue_delay_us=20000, **values)
     try:
-        srv = TritonServer(values, grpc_port=free_port(),
+        srv = TritonServer(values, grpc_port=free_port(), extra_models=extra_models,
                            log=tmp_path_factory.mktemp("triton") / "tritonserver.log")
     except FileNotFoundError as e:
         pytest.skip(str(e))
@@ -289,12 +289,13 @@ def test_bench_serve_reports_no_errors_and_no_mismatches(server):
 
 @pytest.fixture(scope="module")
 def trained_server(tmp_path_factory):
-    """The committed default model behind a real tritonserver: parallel decoding fires on it."""
+    """The committed default model behind a real tritonserver: parallel decoding fires on it (and
+    bench-serve's noop model beside it)."""
     from esdllm.runtime.pipeline import DEFAULT_MODEL
     if not (DEFAULT_MODEL / "config.json").is_file():
         pytest.skip(f"no committed default model at {DEFAULT_MODEL}")
     yield from _serve(DEFAULT_MODEL, tmp_path_factory, max_batch=8, max_tokens=64, max_prompt=96,
-                      decode={"gen_length": 64, "block_length": 32})
+                      decode={"gen_length": 64, "block_length": 32}, extra_models=("noop",))
 
 
 @pytest.mark.serve
@@ -328,7 +329,8 @@ def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trai
     on: every request that is not cancelled completes and equals its alone answer."""
     from esdllm.runtime import loadgen
     res = loadgen.run(trained_server.grpc_url, [20.0], 24, {"method": "es-dllm", "threshold": 0.9},
-                      mix_tokens=(32, 64), families=("maps", "perm"), cancel_frac=0.25, seed=3)
+                      mix_tokens=(32, 64), families=("maps", "perm"), cancel_frac=0.25, seed=3,
+                      floor_model=loadgen.FLOOR_MODEL)
     r = res["rates"][0]
     assert res["families"] == ["maps", "perm"] and r["cancelled"] > 0
     assert (r["errors"], r["mismatches"], r["first_error"]) == (0, 0, None), r
@@ -337,5 +339,7 @@ def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trai
     assert 0 < r["p50_block_s"] <= r["p50_latency_s"]  # a request decodes at least one block
     assert set(res["batch1"]) == {"maps", "perm"}  # each family's first request, alone
     assert all(0 < b["latency_s"] and 0 < b["fresh_connection_s"] for b in res["batch1"].values())
+    # the noop model's round trip is under every request that runs a forward
+    assert all(0 < b["floor_s"] < b["latency_s"] for b in res["batch1"].values()), res["batch1"]
     with pytest.raises(ValueError, match="unknown task family 'nope'"):
         loadgen.workload(4, 0, (32,), 0.5, 0.1, families=("nope",))
