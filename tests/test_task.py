@@ -262,6 +262,48 @@ def test_init_from_a_shallower_model_grows_it_without_changing_its_outputs(tmp_p
         T.train(shallower, log=lambda s: None)
 
 
+def test_adapting_llada_to_dream_keeps_its_predictions(tmp_path):
+    """scripts/adapt_dream.py: the Dream model predicts what the LLaDA one did, one row earlier."""
+    import importlib.util
+    T, first = _micro(tmp_path / "a", steps=4, n_layers=2)
+    T.train(first, log=lambda s: None)
+    spec = importlib.util.spec_from_file_location("adapt_dream", ROOT / "scripts" / "adapt_dream.py")
+    A = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(A)
+    dream = A.adapt(tmp_path / "a", tmp_path / "d")
+    llada = load_model(tmp_path / "a")
+    assert dream.args.family == "dream" and dream.args.logits_shift == 1 and dream.args.n_layers == 3
+    assert load_model(tmp_path / "d").args == dream.args  # written in the HF Dream layout
+    # the same text in each tokenizer (ids differ: the special tokens are numbered per family)
+    rows = A.vocab_map(tmp_path / "a", tmp_path / "d")
+    to_dream = {j: i for i, j in enumerate(rows) if j is not None}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, llada.args.bos_id, (3, 40), generator=g)
+    x[:, 0] = llada.args.bos_id
+    x[:, 20:][torch.rand(3, 20, generator=g) < 0.5] = llada.args.mask_id
+    xd = torch.tensor([[to_dream[t] for t in r] for r in x.tolist()])
+    with torch.no_grad():
+        a, b = llada(x), dream(xd)
+    # Dream's logits row p comes from hidden state p - 1 through the shift block; position 0 has no
+    # earlier row. Head rows are permuted like the vocabulary.
+    b = b[..., [rows.index(j) for j in range(llada.args.vocab_size) if j in to_dream]]
+    a = a[..., [j for j in range(llada.args.vocab_size) if j in to_dream]]
+    assert (a[:, 1:].argmax(-1) == b[:, 1:].argmax(-1)).float().mean() > 0.99
+    torch.testing.assert_close(b[:, 1:], a[:, 1:], rtol=0, atol=0.02 * a.abs().max().item())
+    # the shift block's score peaks at +1 and nowhere else
+    from esdllm.runtime.model import apply_rope, rope_cos_sin
+    q, k = A.shift_biases(16, 10000.0)
+    pos = torch.arange(0, 600)[None]
+    c, s = rope_cos_sin(pos, 16, 10000.0)
+    qr = apply_rope(q.expand(1, 1, 600, 16), c, s, True)[0, 0]
+    kr = apply_rope(k.expand(1, 1, 600, 16), c, s, True)[0, 0]
+    scores = (qr @ kr.T) / 4
+    assert (scores[:-1].argmax(1) == pos[0, :-1] + 1).all()
+    assert (scores[:-1].max(1).values - scores[:-1].topk(2, 1).values[:, 1]).min() >= 0.99 * A.MARGIN
+    with pytest.raises(ValueError, match="LLaDA"):
+        A.adapt(tmp_path / "d", tmp_path / "e")
+
+
 def test_solve_answers_task_prompts_and_rejects_others():
     assert task.solve("rot13: qwertyuiopasdfgh ->") == "djreglhvbcnfqstu"
     assert task.solve("double: abc ->") == "aabbcc"
