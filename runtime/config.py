@@ -35,6 +35,9 @@ DECODE_PRESETS: dict[str, dict] = {
     "es-dllm-t0.9-dyn-exit": dict(method="es-dllm", threshold=0.9, dynamic_alpha=0.3, early_exit=True),
     "fast-dllm-prefix-t0.9-exit": dict(method="fast-dllm", cache="prefix", threshold=0.9, early_exit=True),
     "vanilla-t0.9-exit": dict(method="vanilla", threshold=0.9, early_exit=True),
+    # exactly one token every step on either family: Dream's own schedule commits none at a block's
+    # first step and two at its last (README, dream-tiny)
+    "vanilla-llada-sampler": dict(method="vanilla", sampler="llada"),
     "es-dllm-t0.9-exit": dict(method="es-dllm", threshold=0.9, early_exit=True),
     # p1: the prompt rows refreshed every step (so no step skips: refreshes are all-update steps)
     # and EOS not delayed; what is left is ES-dLLM's suffix cache. See README, "stale prompt rows".
