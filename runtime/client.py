@@ -270,7 +270,7 @@ def _common(p) -> None:
     p.add_argument("--model-name", default=MODEL_NAME, help=f"served model name (default {MODEL_NAME})")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a request may take in all; at the deadline it is cancelled")
-    p.add_argument("--stream", action="store_true", help="stream one response per decided block")
+    p.add_argument("--stream", action="store_true", help="stream: one response each time the decided prefix grows")
     p.add_argument("--max-tokens", type=int, default=None, help="gen length (default: the server's)")
     p.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: the server's)")
     p.add_argument("--block-length", type=int, default=None, help="block size (default: the server's)")

@@ -154,7 +154,9 @@ def plot(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fams = list(result["families"])
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.8), dpi=120, squeeze=False)
+    rows = max(-(-len(fr["methods"]) // 2) for fr in result["families"].values())  # legend rows
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.2 + 0.2 * rows), dpi=120,
+                             squeeze=False)
     markers = "osD^vP*X"
     for ax, fam in zip(axes[0], fams):
         fr = result["families"][fam]
@@ -166,12 +168,13 @@ def plot(result: dict, path: str | Path) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=7)
+        # below the panel, not on it: a legend inside covers points wherever it goes (perm's slow ones)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, fontsize=6.5, frameon=False)
         ax.set_title(f"{fam}: n {fr['n']}, gen {fr['gen_length']}", fontsize=9)
     fig.suptitle(Path(result["model"]).name, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
