@@ -9,7 +9,8 @@ served alone, one at a time: a completed response that differs from it is a mism
 
 Per rate: requests/s and tokens/s of completed requests, latency p50/p90/p99 (arrival to final
 response), time to first streamed token (p50/p90), time per output token of streamed requests,
-errors, mismatches; once, the batch-1 latency of each family's first request, on a kept connection
+errors, mismatches (latency, first token, per-token time and one block's time per family too, where
+the mix holds several); once, the batch-1 latency of each family's first request, on a kept connection
 and on a fresh one (against Pipeline.generate in-process, interleaved, with --compare-schedulers). With
 --compare-schedulers bench-serve starts one server per scheduler itself (inflight and batch, same
 model, same flags) and runs the same arrivals against each; beside esdllm each serves triton_repo/noop,
@@ -113,6 +114,20 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
     errors = [r.error for r, s in done if r.error is not None]
     errors += [r.error for r, s in zip(replies, specs) if s["cancel"] and r.error not in (None, "cancelled by the client")]
     lat = [r.seconds for r, _ in ok]
+    tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
+    return {"rate": rate, "requests": len(specs), "completed": len(ok), "cancelled": sum(s["cancel"] for s in specs),
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "mismatches": sum(r.text != ref[(s["prompt"], s["max_tokens"])] for r, s in ok),
+            "requests_per_second": round(len(ok) / wall, 3), "tokens_per_second": round(tokens / wall, 2),
+            **_metrics(ok), "p90_latency_s": _pct(lat, 90), "p99_latency_s": _pct(lat, 99),
+            "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
+            "wall_seconds": round(wall, 3),
+            "by_family": _by_family(ok) if len({s["family"] for s in specs}) > 1 else None}
+
+
+def _metrics(ok: list) -> dict:
+    """p50 latency, time to first streamed token (p50 / p90), time per output token and the time of
+    one block of the completed (reply, spec) pairs."""
     ttft = [r.first_chunk_s for r, s in ok if s["stream"] and r.first_chunk_s is not None]
     tpot = [(r.seconds - r.first_chunk_s) / max(r.stats.get("output_tokens", 1) - 1, 1)
             for r, s in ok if s["stream"] and r.first_chunk_s is not None]
@@ -120,15 +135,17 @@ def open_loop(url: str, specs: list[dict], rate: float, knobs: dict, ref: dict, 
     # time in a row over the blocks it decoded; streamed text should arrive before a block is done
     block = [(r.stats["seconds"] - r.stats["queue_seconds"]) / r.stats["blocks"]
              for r, _ in ok if r.stats.get("blocks")]
-    tokens = sum(r.stats.get("output_tokens", 0) for r, _ in ok)
-    return {"rate": rate, "requests": len(specs), "completed": len(ok), "cancelled": sum(s["cancel"] for s in specs),
-            "errors": len(errors), "first_error": errors[0] if errors else None,
-            "mismatches": sum(r.text != ref[(s["prompt"], s["max_tokens"])] for r, s in ok),
-            "requests_per_second": round(len(ok) / wall, 3), "tokens_per_second": round(tokens / wall, 2),
-            "p50_latency_s": _pct(lat, 50), "p90_latency_s": _pct(lat, 90), "p99_latency_s": _pct(lat, 99),
-            "p50_ttft_s": _pct(ttft, 50), "p90_ttft_s": _pct(ttft, 90), "p50_tpot_s": _pct(tpot, 50),
-            "p50_block_s": _pct(block, 50), "max_batch_seen": max((r.stats.get("batch_size", 0) for r, _ in ok), default=0),
-            "wall_seconds": round(wall, 3)}
+    return {"p50_latency_s": _pct([r.seconds for r, _ in ok], 50), "p50_ttft_s": _pct(ttft, 50),
+            "p90_ttft_s": _pct(ttft, 90), "p50_tpot_s": _pct(tpot, 50), "p50_block_s": _pct(block, 50)}
+
+
+def _by_family(ok: list) -> dict:
+    """_metrics per task family: a block's time and the first streamed token's differ by family
+    (a maps block is decided in one forward, a perm block in several), so the mix hides both."""
+    fams: dict[str, list] = {}
+    for r, s in ok:
+        fams.setdefault(s["family"], []).append((r, s))
+    return {f: {"completed": len(v), **_metrics(v)} for f, v in fams.items()}
 
 
 def batch1_latency(url: str, s: dict, knobs: dict, model: str, timeout: float, in_process=None,
@@ -267,6 +284,12 @@ def _table(out: dict) -> str:
                          f"{r['requests_per_second']:>8.2f}{r['tokens_per_second']:>9.1f}{f(r['p50_latency_s']):>8}"
                          f"{f(r['p90_latency_s']):>8}{f(r['p99_latency_s']):>8}{f(r['p50_ttft_s']):>8}"
                          f"{f(r['p50_tpot_s']):>8}{f(r.get('p50_block_s')):>8}{r['max_batch_seen']:>6}")
+    for sch, res in runs.items():
+        for r in res["rates"]:
+            for fam, m in (r.get("by_family") or {}).items():
+                f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+                lines.append(f"{sch} {r['rate']:g}/s {fam}: {m['completed']} done, p50 latency {f(m['p50_latency_s'])} s, "
+                             f"first streamed token {f(m['p50_ttft_s'])} s, one block {f(m['p50_block_s'])} s")
     for x in out.get("inflight_over_batch", []):
         lines.append(f"rate {x['rate']:g}/s: inflight/batch throughput {x['throughput']:.2f}x, p99 latency "
                      f"{x['p99_latency'] if x['p99_latency'] is None else round(x['p99_latency'], 2)}x")

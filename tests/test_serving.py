@@ -337,6 +337,9 @@ def test_open_loop_load_over_two_families_completes_what_it_does_not_cancel(trai
     assert r["completed"] == r["requests"] - r["cancelled"]
     assert r["p99_latency_s"] >= r["p50_latency_s"] > 0 and r["tokens_per_second"] > 0
     assert 0 < r["p50_block_s"] <= r["p50_latency_s"]  # a request decodes at least one block
+    fam = r["by_family"]  # the same metrics per family, over the same completed requests
+    assert set(fam) == {"maps", "perm"} and sum(m["completed"] for m in fam.values()) == r["completed"], fam
+    assert all(0 < m["p50_block_s"] <= m["p50_latency_s"] for m in fam.values()), fam
     assert set(res["batch1"]) == {"maps", "perm"}  # each family's first request, alone
     assert all(0 < b["latency_s"] and 0 < b["fresh_connection_s"] for b in res["batch1"].values())
     # the noop model's round trip is under every request that runs a forward
