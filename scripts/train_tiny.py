@@ -97,6 +97,11 @@ class TrainConfig:
     dtype: str = "float32"                 # dtype of the saved checkpoint
     threads: int = 2
 
+    def __post_init__(self):
+        if len(self.family_weights) != len(self.task_families):
+            raise ValueError(f"{len(self.family_weights)} family weights {self.family_weights} for "
+                             f"{len(self.task_families)} task families {self.task_families}: give one weight per family")
+
     def kv_heads(self) -> int:
         if self.n_kv_heads is not None:
             return self.n_kv_heads
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task-families", type=lambda v: tuple(v.split(",")), default=d.task_families,
                    help=f"comma list of task families to train on (default: {','.join(d.task_families)})")
     p.add_argument("--family-weights", type=lambda v: tuple(float(x) for x in v.split(",")),
-                   default=d.family_weights, help="their shares of the batches (default: equal)")
+                   default=None, help="their shares of the batches, one per family (default: equal)")
     p.add_argument("--gen-lengths", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.gen_lengths,
                    help="response lengths of short-answer batches, drawn uniformly")
     p.add_argument("--tail-mask", type=float, default=d.tail_mask)
@@ -402,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train nothing: write --out's last checkpointed step (train_state.pt) to DEST as a model")
     a = vars(p.parse_args(argv))
     keep, stop_after, dest = a.pop("keep_state"), a.pop("stop_after"), a.pop("export")
+    if a["family_weights"] is None:
+        a["family_weights"] = (1.0,) * len(a["task_families"])
     if dest is not None:
         info = export(a["out"], dest)
         print(json.dumps({"out": dest, "params": info["params"], "stopped_at": info.get("stopped_at")}))

@@ -358,3 +358,16 @@ def test_export_from_the_command_line_prints_one_json_line(tmp_path, capsys):
     T.main(["--family", cfg.family, "--out", str(tmp_path / "run"), "--export", str(tmp_path / "model")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["stopped_at"] is None and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_the_command_line_weights_the_families_it_is_given_equally(tmp_path):
+    """scripts/train_defaults' first llada stage names one family and no weights: it trains on maps
+    alone (it once died on the four default weights); weights that do not match are an error."""
+    T = _trainer()
+    T.main(["--family", "llada", "--out", str(tmp_path / "run"), "--task-families", "maps", "--steps", "1",
+            "--batch", "2", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--intermediate", "64",
+            "--gen-lengths", "64", "--val-n", "1", "--threads", "1"])
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert (info["config"]["task_families"], info["config"]["family_weights"]) == (["maps"], [1.0])
+    with pytest.raises(ValueError, match=r"2 family weights .* for 1 task families"):
+        T.TrainConfig(family="llada", out=str(tmp_path), task_families=("maps",), family_weights=(1.0, 2.0))
