@@ -274,12 +274,12 @@ def main(ns, knobs: dict) -> int:
 
 def _table(out: dict) -> str:
     runs = out.get("schedulers") or {"server": out}
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     head = (f"{'scheduler':<10}{'rate/s':>8}{'done':>6}{'err':>5}{'mism':>6}{'req/s':>8}{'tok/s':>9}"
             f"{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'ttft50':>8}{'tpot50':>8}{'block50':>8}{'batch':>6}")
     lines = [head]
     for sch, res in runs.items():
         for r in res["rates"]:
-            f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             lines.append(f"{sch:<10}{r['rate']:>8g}{r['completed']:>6}{r['errors']:>5}{r['mismatches']:>6}"
                          f"{r['requests_per_second']:>8.2f}{r['tokens_per_second']:>9.1f}{f(r['p50_latency_s']):>8}"
                          f"{f(r['p90_latency_s']):>8}{f(r['p99_latency_s']):>8}{f(r['p50_ttft_s']):>8}"
@@ -287,7 +287,6 @@ def _table(out: dict) -> str:
     for sch, res in runs.items():
         for r in res["rates"]:
             for fam, m in (r.get("by_family") or {}).items():
-                f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
                 lines.append(f"{sch} {r['rate']:g}/s {fam}: {m['completed']} done, p50 latency {f(m['p50_latency_s'])} s, "
                              f"first streamed token {f(m['p50_ttft_s'])} s, one block {f(m['p50_block_s'])} s")
     for x in out.get("inflight_over_batch", []):
