@@ -133,9 +133,12 @@ def adapt(src_dir: str | Path, out: str | Path) -> Transformer:
     model.load_state_dict(sd)
     model.eval()
     save_model(model, out)
+    # train_info.json, as a training stage writes it: the fine-tunes that start here keep it as their
+    # prior, so the Dream checkpoint's record reaches back through the LLaDA stages it grew from
+    prior = src_dir / "train_info.json"
     info = {"adapted_from": str(src_dir), "shift_block": L, "gain": GAIN, "margin": MARGIN,
-            "config": dataclasses.asdict(cfg)}
-    (out / "adapt_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            "config": dataclasses.asdict(cfg), "init_from": json.loads(prior.read_text()) if prior.is_file() else None}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return model
 
 

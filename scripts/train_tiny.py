@@ -368,6 +368,33 @@ def export(out: str | Path, dest: str | Path) -> dict:
     return _save(model, cfg, dest, st["history"], prior, stopped_at=stopped_at)
 
 
+def stages(info: dict) -> list[dict]:
+    """The stages that made a checkpoint, first to last, from its train_info.json: each stage's record
+    holds the one it started from under "init_from" (an adapted Dream's reaches into its LLaDA source).
+    Per stage: its name (the run's directory), family, layers, steps, threads and training seconds,
+    the wall time of every session of the run, validations included (0 for an adaptation)."""
+    out = []
+    while info:
+        c = info.get("config") or {}
+        hist = info.get("history") or []
+        out.append({"stage": Path(c.get("out", "?")).name, "family": c.get("family"), "layers": c.get("n_layers"),
+                    "steps": info.get("stopped_at") or (c.get("steps") if "history" in info else 0),
+                    "threads": c.get("threads"), "seconds": hist[-1]["elapsed_s"] if hist else 0.0,
+                    "adapted_from": info.get("adapted_from")})
+        info = info.get("init_from")
+    return out[::-1]
+
+
+def summary(model_dir: str | Path) -> dict:
+    """A checkpoint's training record: its stages (stages()) and their total steps and hours."""
+    f = Path(model_dir) / "train_info.json"
+    if not f.is_file():
+        raise ValueError(f"{f} not found: --summary reads the train_info.json a training run writes")
+    st = stages(json.loads(f.read_text()))
+    return {"model": str(model_dir), "stages": st, "steps": sum(s["steps"] for s in st),
+            "hours": round(sum(s["seconds"] for s in st) / 3600, 3)}
+
+
 def _prior(cfg: TrainConfig) -> dict | None:
     """The train_info of the stage this run starts from, if it has one."""
     f = Path(cfg.init_from) / "train_info.json" if cfg.init_from else None
@@ -376,8 +403,8 @@ def _prior(cfg: TrainConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", required=True, choices=("llada", "dream"))
-    p.add_argument("--out", required=True, help="checkpoint directory (created; resumes from its train_state.pt)")
+    p.add_argument("--family", choices=("llada", "dream"), help="required, but with --summary")
+    p.add_argument("--out", help="checkpoint directory (created; resumes from its train_state.pt); required, but with --summary")
     d = TrainConfig(family="llada", out="")
     for f in ("seed", "steps", "batch", "tokens_per_step", "lr", "dim", "n_layers", "n_heads", "intermediate", "rope_theta",
               "chat_frac", "warmup", "val_every", "val_n", "ckpt_every"):
@@ -405,8 +432,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="leave after this step (a multiple of --ckpt-every); rerun to resume")
     p.add_argument("--export", default=None, metavar="DEST",
                    help="train nothing: write --out's last checkpointed step (train_state.pt) to DEST as a model")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="train nothing: print how the checkpoint DIR was made, stage by stage (train_info.json)")
     a = vars(p.parse_args(argv))
+    if a["summary"] is not None:
+        rec = summary(a["summary"])
+        for s in rec["stages"]:
+            what = f"adapted from {s['adapted_from']}" if s["adapted_from"] else \
+                f"{s['steps']:>6} steps  {s['threads']} threads  {s['seconds'] / 60:6.1f} min"
+            print(f"{s['stage']:<24} {s['family']:<6} {s['layers']} layers  {what}", file=sys.stderr)
+        print(json.dumps(rec))
+        return
+    if a["family"] is None or a["out"] is None:
+        p.error("--family and --out are required to train or export")
     keep, stop_after, dest = a.pop("keep_state"), a.pop("stop_after"), a.pop("export")
+    a.pop("summary")
     if a["family_weights"] is None:
         a["family_weights"] = (1.0,) * len(a["task_families"])
     if dest is not None:

@@ -262,14 +262,19 @@ def test_init_from_a_shallower_model_grows_it_without_changing_its_outputs(tmp_p
         T.train(shallower, log=lambda s: None)
 
 
-def test_adapting_llada_to_dream_keeps_its_predictions(tmp_path):
-    """scripts/adapt_dream.py: the Dream model predicts what the LLaDA one did, one row earlier."""
+def _adapt_dream():
     import importlib.util
-    T, first = _micro(tmp_path / "a", steps=4, n_layers=2)
-    T.train(first, log=lambda s: None)
     spec = importlib.util.spec_from_file_location("adapt_dream", ROOT / "scripts" / "adapt_dream.py")
     A = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(A)
+    return A
+
+
+def test_adapting_llada_to_dream_keeps_its_predictions(tmp_path):
+    """scripts/adapt_dream.py: the Dream model predicts what the LLaDA one did, one row earlier."""
+    T, first = _micro(tmp_path / "a", steps=4, n_layers=2)
+    T.train(first, log=lambda s: None)
+    A = _adapt_dream()
     dream = A.adapt(tmp_path / "a", tmp_path / "d")
     llada = load_model(tmp_path / "a")
     assert dream.args.family == "dream" and dream.args.logits_shift == 1 and dream.args.n_layers == 3
@@ -371,3 +376,23 @@ def test_the_command_line_weights_the_families_it_is_given_equally(tmp_path):
     assert (info["config"]["task_families"], info["config"]["family_weights"]) == (["maps"], [1.0])
     with pytest.raises(ValueError, match=r"2 family weights .* for 1 task families"):
         T.TrainConfig(family="llada", out=str(tmp_path), task_families=("maps",), family_weights=(1.0, 2.0))
+
+
+def test_summary_follows_a_dream_checkpoint_back_through_its_llada_stages(tmp_path, capsys):
+    """train_tiny --summary: every stage that made a checkpoint, the adaptation included, and the total
+    (the 3-hour training budget of the README is read off it)."""
+    T, first = _micro(tmp_path / "llada-a", steps=4, n_layers=2)
+    T.train(first, log=lambda s: None)
+    _adapt_dream().adapt(tmp_path / "llada-a", tmp_path / "adapted")
+    _, tune = _micro(tmp_path / "dream-b", steps=2, family="dream", n_layers=3, n_kv_heads=2,
+                     init_from=str(tmp_path / "adapted"))
+    T.train(tune, log=lambda s: None)
+    T.main(["--summary", str(tmp_path / "dream-b")])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(s["stage"], s["family"], s["layers"], s["steps"]) for s in rec["stages"]] == \
+        [("llada-a", "llada", 2, 4), ("adapted", "dream", 3, 0), ("dream-b", "dream", 3, 2)]
+    assert rec["stages"][1]["adapted_from"] == str(tmp_path / "llada-a") and rec["steps"] == 6
+    assert rec["stages"][0]["seconds"] > 0 and rec["stages"][2]["seconds"] > 0
+    assert rec["hours"] == round(sum(s["seconds"] for s in rec["stages"]) / 3600, 3)
+    with pytest.raises(ValueError, match="train_info.json"):
+        T.summary(tmp_path)
