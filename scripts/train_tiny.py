@@ -45,6 +45,7 @@ from esdllm.runtime.tokenizer import SpecialIds, build_tokenizer, encode_prompt,
 from esdllm.runtime.weights import load_model, save_model
 
 STATE_FILE = "train_state.pt"
+RESUME_FREE = ("threads", "device")  # config fields a resumed run may change
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class TrainConfig:
     val_n: int = 8                         # held-out problems per family at each validation
     dtype: str = "float32"                 # dtype of the saved checkpoint
     threads: int = 2
+    device: str = "cpu"                    # "cuda": the same run on a GPU (the noise is still drawn on the CPU)
 
     def __post_init__(self):
         if len(self.family_weights) != len(self.task_families):
@@ -174,9 +176,12 @@ def diffusion_loss(model: Transformer, input_ids: torch.Tensor, attention_mask: 
         weight = torch.where(forced, 1.0, weight)
     noisy = input_ids.clone()
     noisy[:, P:][masked] = model.args.mask_id
-    logits = model(noisy, attention_mask)[:, P:]
-    ce = F.cross_entropy(logits[masked].float(), input_ids[:, P:][masked], reduction="none")
-    return (ce * weight[masked]).sum() / (B * R)
+    # the mask is drawn on the CPU above, so a run's noise is the same on every device
+    dev = model.device
+    logits = model(noisy.to(dev), attention_mask.to(dev))[:, P:]
+    masked = masked.to(dev)
+    ce = F.cross_entropy(logits[masked].float(), input_ids[:, P:].to(dev)[masked], reduction="none")
+    return (ce * weight.to(dev)[masked]).sum() / (B * R)
 
 
 # vanilla at threshold 0.9 with early exit: no cache, so it tracks the one-token-a-step target. The dual
@@ -263,6 +268,8 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
     stop_after: leave after this step (checkpointed), as an interruption would; returns None.
     """
     torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but this torch sees no CUDA device (train with --device cpu)")
     out = Path(cfg.out)
     ids = build_tokenizer(cfg.family, out, alphabet=task.ALPHABET)
     tok = load_tokenizer(out)
@@ -285,16 +292,17 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
             raise ValueError(f"--init-from {cfg.init_from} has shape {src.args}, this run builds {args} "
                              "(only a deeper copy of the same shape can be grown from it)")
         prior = _prior(cfg)
+    model.to(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     start, history, spent = 0, [], 0.0
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
-        # the thread count changes speed, not results: a run may resume with more or fewer cores
-        same = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
-        if {k: v for k, v in st["config"].items() if k != "threads"} != same:
+        st = torch.load(state_path, weights_only=False, map_location=cfg.device)
+        # threads and device change speed, not the recipe: a run may resume with other cores or a GPU
+        same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+        if {k: v for k, v in st["config"].items() if k not in RESUME_FREE} != same:
             raise ValueError(f"{state_path} was written by a different configuration; delete it to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
@@ -342,7 +350,7 @@ def train(cfg: TrainConfig, log=print, stop_after: int | None = None) -> dict | 
 def _save(model: Transformer, cfg: TrainConfig, dest: Path, history: list, prior: dict | None,
           stopped_at: int | None = None) -> dict:
     """The checkpoint (weights, train_info.json) of a run into dest, which holds its tokenizer."""
-    model.eval()
+    model.eval().to("cpu")
     save_model(model, dest, dtype=cfg.dtype)
     info = {"config": dataclasses.asdict(cfg), "task_families": list(cfg.task_families),
             "params": sum(p.numel() for p in model.parameters()), "history": history}
@@ -361,7 +369,7 @@ def export(out: str | Path, dest: str | Path) -> dict:
     state_path = out / STATE_FILE
     if not state_path.is_file():
         raise ValueError(f"{state_path} not found: --export needs a run stopped with --stop-after or --keep-state")
-    st = torch.load(state_path, weights_only=False)
+    st = torch.load(state_path, weights_only=False, map_location="cpu")
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["config"].items()})
     dest.mkdir(parents=True, exist_ok=True)
     model = Transformer(model_args(cfg, build_tokenizer(cfg.family, dest, alphabet=task.ALPHABET)))
@@ -374,7 +382,7 @@ def export(out: str | Path, dest: str | Path) -> dict:
 def stages(info: dict) -> list[dict]:
     """The stages that made a checkpoint, first to last, from its train_info.json: each stage's record
     holds the one it started from under "init_from" (an adapted Dream's reaches into its LLaDA source).
-    Per stage: its name (the run's directory), family, layers, steps, threads and training seconds,
+    Per stage: its name (the run's directory), family, layers, steps, threads, device, training seconds:
     the wall time of every session of the run, validations included (0 for an adaptation)."""
     out = []
     while info:
@@ -382,7 +390,7 @@ def stages(info: dict) -> list[dict]:
         hist = info.get("history") or []
         out.append({"stage": Path(c.get("out", "?")).name, "family": c.get("family"), "layers": c.get("n_layers"),
                     "steps": info.get("stopped_at") or (c.get("steps") if "history" in info else 0),
-                    "threads": c.get("threads"), "seconds": hist[-1]["elapsed_s"] if hist else 0.0,
+                    "threads": c.get("threads"), "device": c.get("device", "cpu"), "seconds": hist[-1]["elapsed_s"] if hist else 0.0,
                     "adapted_from": info.get("adapted_from")})
         info = info.get("init_from")
     return out[::-1]
@@ -430,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="checkpoint dir to start from (same shape, or fewer layers: grown in depth)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (default cpu)")
     p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this step (a multiple of --ckpt-every); rerun to resume")
@@ -442,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         rec = summary(a["summary"])
         for s in rec["stages"]:
             what = f"adapted from {s['adapted_from']}" if s["adapted_from"] else \
-                f"{s['steps']:>6} steps  {s['threads']} threads  {s['seconds'] / 60:6.1f} min"
+                f"{s['steps']:>6} steps  {s['threads']} threads  {s['device']:<4}  {s['seconds'] / 60:6.1f} min"
             print(f"{s['stage']:<24} {s['family']:<6} {s['layers']} layers  {what}", file=sys.stderr)
         print(json.dumps(rec))
         return

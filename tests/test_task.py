@@ -396,3 +396,26 @@ def test_summary_follows_a_dream_checkpoint_back_through_its_llada_stages(tmp_pa
     assert rec["hours"] == round(sum(s["seconds"] for s in rec["stages"]) / 3600, 3)
     with pytest.raises(ValueError, match="train_info.json"):
         T.summary(tmp_path)
+
+
+def test_a_run_may_resume_on_another_device_but_asks_for_cuda_only_where_there_is_one(tmp_path):
+    """--device cuda (scripts/train_defaults' DEVICE, gpu-check's train stage): the device, like the thread
+    count, may change between sessions of one run; where torch sees no GPU the error says so."""
+    T, cfg = _micro(tmp_path / "run", steps=4)
+    assert T.train(cfg, log=lambda s: None, stop_after=2) is None
+    state = torch.load(tmp_path / "run" / T.STATE_FILE, weights_only=False)
+    assert state["config"]["device"] == "cpu" and state["step"] == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            T.train(dataclasses.replace(cfg, device="cuda"), log=lambda s: None)
+    # a state written by the same run on another device resumes here
+    state["config"]["device"] = "cuda"
+    torch.save(state, tmp_path / "run" / T.STATE_FILE)
+    logs = []
+    info = T.train(cfg, log=logs.append)
+    assert logs[0] == "resuming from step 2" and info["config"]["device"] == "cpu"
+    _, whole = _micro(tmp_path / "whole", steps=4)
+    T.train(whole, log=lambda s: None)  # the same run without the interruption
+    a, b = load_model(tmp_path / "whole").state_dict(), load_model(tmp_path / "run").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
