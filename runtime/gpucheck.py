@@ -23,9 +23,9 @@ the file's content.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,42 +105,37 @@ TRAIN_VANILLA = {"llada": "vanilla", "dream": "vanilla-llada-sampler"}  # one to
 
 def stage_train(device: str, out_dir: Path, dry_run: bool) -> dict:
     """scripts/train_defaults on `device`, one model after the other, then each model's vanilla accuracy."""
-    work = Path(tempfile.mkdtemp(prefix="gpu-train-")) if dry_run else ROOT / "artifacts" / "gpu-train"
-    models = out_dir / "models"
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE=device, WORK=str(work), MODELS=str(models), THREADS="4")
-    if dry_run:  # every line of the recipe, in seconds
-        env.update(STEPS_DIV="1000", VAL_N="1", THREADS="2")
-    res = {"train_seconds": {}, "stages": {}, "vanilla": {}}
-    try:
-        _train_and_eval(device, dry_run, env, models, res)
-    finally:
-        if dry_run:
-            shutil.rmtree(work, ignore_errors=True)
-    # the quality target of the defaults; a report of the run, not a pass/fail of the device
-    res["every_family_at_least_0.90"] = {m: min(a.values()) >= 0.90 for m, a in res["vanilla"].items()}
-    return res
-
-
-def _train_and_eval(device: str, dry_run: bool, env: dict, models: Path, res: dict) -> None:
     from esdllm.scripts.train_tiny import summary
     from .evaluate import EvalConfig, evaluate
     from .pipeline import Pipeline
-    for fam in ("llada", "dream"):
-        t = time.perf_counter()
-        r = subprocess.run(["bash", str(ROOT / "scripts" / "train_defaults"), fam], env=env,
-                           stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-        if r.returncode:
-            raise RuntimeError(f"train_defaults {fam} exited with {r.returncode}: {r.stdout.strip()[-500:]}")
-        res["train_seconds"][fam] = round(time.perf_counter() - t, 1)
-        rec = summary(models / f"{fam}-tiny")
-        res["stages"][fam] = {"hours": rec["hours"], "steps": rec["steps"],
-                              "per_stage_s": {s["stage"]: s["seconds"] for s in rec["stages"]}}
-        pipe = Pipeline.load(models / f"{fam}-tiny", device=device)
-        # the rehearsal decodes at gen 64 everywhere: an untrained model takes all 512 steps of long's canvas
-        cfg = EvalConfig(methods=(TRAIN_VANILLA[fam],), n=2 if dry_run else 64, batch_size=2 if dry_run else 16,
-                         natural_lengths=not dry_run)
-        ev = evaluate(pipe, cfg)
-        res["vanilla"][fam] = {f: v["methods"][TRAIN_VANILLA[fam]]["accuracy"] for f, v in ev["families"].items()}
+    models = out_dir / "models"
+    res = {"train_seconds": {}, "stages": {}, "vanilla": {}}
+    # the rehearsal's stages go to a folder removed after it; the device's stay, for a call that resumes
+    work = tempfile.TemporaryDirectory(prefix="gpu-train-") if dry_run else \
+        contextlib.nullcontext(str(ROOT / "artifacts" / "gpu-train"))
+    with work as work_dir:
+        env = dict(os.environ, PYTHON=sys.executable, DEVICE=device, WORK=work_dir, MODELS=str(models), THREADS="4")
+        if dry_run:  # every line of the recipe, in seconds
+            env.update(STEPS_DIV="1000", VAL_N="1", THREADS="2")
+        for fam in ("llada", "dream"):
+            t = time.perf_counter()
+            r = subprocess.run(["bash", str(ROOT / "scripts" / "train_defaults"), fam], env=env,
+                               stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+            if r.returncode:
+                raise RuntimeError(f"train_defaults {fam} exited with {r.returncode}: {r.stdout.strip()[-500:]}")
+            res["train_seconds"][fam] = round(time.perf_counter() - t, 1)
+            rec = summary(models / f"{fam}-tiny")
+            res["stages"][fam] = {"hours": rec["hours"], "steps": rec["steps"],
+                                  "per_stage_s": {s["stage"]: s["seconds"] for s in rec["stages"]}}
+            pipe = Pipeline.load(models / f"{fam}-tiny", device=device)
+            # the rehearsal decodes at gen 64 everywhere: an untrained model takes all 512 steps of long's canvas
+            cfg = EvalConfig(methods=(TRAIN_VANILLA[fam],), n=2 if dry_run else 64, batch_size=2 if dry_run else 16,
+                             natural_lengths=not dry_run)
+            ev = evaluate(pipe, cfg)
+            res["vanilla"][fam] = {f: v["methods"][TRAIN_VANILLA[fam]]["accuracy"] for f, v in ev["families"].items()}
+    # the quality target of the defaults; a report of the run, not a pass/fail of the device
+    res["every_family_at_least_0.90"] = {m: min(a.values()) >= 0.90 for m, a in res["vanilla"].items()}
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
