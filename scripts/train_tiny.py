@@ -45,7 +45,9 @@ from esdllm.runtime.tokenizer import SpecialIds, build_tokenizer, encode_prompt,
 from esdllm.runtime.weights import load_model, save_model
 
 STATE_FILE = "train_state.pt"
-RESUME_FREE = ("threads", "device")  # config fields a resumed run may change
+# config fields a resumed run may change: speed, and where its folders are (a run moved to another
+# disk, or copied back from a GPU box, resumes there; its weights and prior record come from its state)
+RESUME_FREE = ("threads", "device", "out", "init_from")
 
 
 @dataclass(frozen=True)

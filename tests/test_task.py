@@ -168,6 +168,15 @@ def test_resume_accepts_another_thread_count(tmp_path):
     assert info is not None and (tmp_path / "model.safetensors").is_file()
 
 
+def test_a_run_moved_to_another_folder_resumes_there(tmp_path):
+    T, cfg = _micro(tmp_path / "here", steps=4)
+    assert T.train(cfg, log=lambda s: None, stop_after=2) is None
+    (tmp_path / "here").rename(tmp_path / "there")
+    info = T.train(dataclasses.replace(cfg, out=str(tmp_path / "there")), log=lambda s: None)
+    assert info is not None and [h["step"] for h in info["history"]][-1] == 4
+    assert (tmp_path / "there" / "model.safetensors").is_file()
+
+
 def _masked_input(T, cfg, tmp_path, tail_mask, seed=0, block_state=0.0):
     """The noisy ids diffusion_loss feeds the model, and the clean batch they came from."""
     from esdllm.runtime.tokenizer import build_tokenizer, load_tokenizer
