@@ -168,6 +168,18 @@ def test_resume_accepts_another_thread_count(tmp_path):
     assert info is not None and (tmp_path / "model.safetensors").is_file()
 
 
+def test_batches_built_ahead_by_worker_processes_train_the_same_weights(tmp_path):
+    T, inline = _micro(tmp_path / "inline", steps=8)
+    T.train(inline, log=lambda s: None)
+    _, ahead = _micro(tmp_path / "ahead", steps=8, workers=1)
+    assert T.train(ahead, log=lambda s: None, stop_after=2) is None  # the workers end with a stopped run
+    T.train(dataclasses.replace(ahead, workers=2), log=lambda s: None)  # and a resume may use another count
+    a = load_model(tmp_path / "inline").state_dict()
+    b = load_model(tmp_path / "ahead").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_a_run_moved_to_another_folder_resumes_there(tmp_path):
     T, cfg = _micro(tmp_path / "here", steps=4)
     assert T.train(cfg, log=lambda s: None, stop_after=2) is None
