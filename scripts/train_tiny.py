@@ -111,6 +111,8 @@ class TrainConfig:
         if len(self.family_weights) != len(self.task_families):
             raise ValueError(f"{len(self.family_weights)} family weights {self.family_weights} for "
                              f"{len(self.task_families)} task families {self.task_families}: give one weight per family")
+        if self.workers < 0:
+            raise ValueError(f"workers {self.workers}: give 0 (batches built inline) or more worker processes")
 
     def kv_heads(self) -> int:
         if self.n_kv_heads is not None:

@@ -178,6 +178,8 @@ def test_batches_built_ahead_by_worker_processes_train_the_same_weights(tmp_path
     b = load_model(tmp_path / "ahead").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="workers -1"):
+        dataclasses.replace(ahead, workers=-1)
 
 
 def test_a_run_moved_to_another_folder_resumes_there(tmp_path):
