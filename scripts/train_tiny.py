@@ -278,18 +278,18 @@ def batches(cfg: TrainConfig, tok, args: ModelArgs, start: int):
         yield from (step_batch(cfg, tok, args, s) for s in range(start, cfg.steps))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its thread pool does not survive a fork
-    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_worker_init, initargs=(cfg, tok, args)) as pool:
-        first = range(start, min(cfg.steps, start + 2 * cfg.workers))
-        ahead = collections.deque(pool.submit(_worker_rows, s) for s in first)
-        try:
-            for s in range(start, cfg.steps):
-                rows, masks, P = ahead.popleft().result()
-                if s + 2 * cfg.workers < cfg.steps:
-                    ahead.append(pool.submit(_worker_rows, s + 2 * cfg.workers))
-                yield torch.tensor(rows), torch.tensor(masks), P
-        finally:  # a stopped run (stop_after, an error) leaves without waiting for batches it will not use
-            pool.shutdown(wait=True, cancel_futures=True)
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_worker_init, initargs=(cfg, tok, args))
+    first = range(start, min(cfg.steps, start + 2 * cfg.workers))
+    ahead = collections.deque(pool.submit(_worker_rows, s) for s in first)
+    try:
+        for s in range(start, cfg.steps):
+            rows, masks, P = ahead.popleft().result()
+            if s + 2 * cfg.workers < cfg.steps:
+                ahead.append(pool.submit(_worker_rows, s + 2 * cfg.workers))
+            yield torch.tensor(rows), torch.tensor(masks), P
+    finally:  # a stopped run (stop_after, an error) leaves without waiting for batches it will not use
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def grow_depth(model: Transformer, src: Transformer) -> None:
